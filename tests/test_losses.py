@@ -1,0 +1,44 @@
+import math
+
+import pytest
+import torch
+
+from training import losses
+from training.networks import Discriminator, DiscriminatorConfig, soft_one_hot
+
+
+def test_calibration_loss_zero_when_sample_mean_equals_p_f():
+    p_f = torch.tensor([0.3, 0.7]).view(1, 2, 1, 1).expand(1, 2, 4, 4)
+    # two hard samples whose mean is (0.5, 0.5) vs p_F (0.3, 0.7) is not zero; a soft match is
+    samples = p_f[:, None].expand(1, 5, 2, 4, 4)
+    assert losses.calibration_loss(samples, p_f).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.calibration_loss(samples, p_f, forward_weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_calibration_loss_hand_value_and_clamp():
+    p_f = torch.tensor([0.5, 0.5]).view(1, 2, 1, 1)
+    hard = torch.tensor([[1.0, 0.0]]).view(1, 1, 2, 1, 1)  # one sample, all class 0
+    # clamped mean (0.999, 0.001) vs (0.5, 0.5)
+    expected = 0.999 * math.log(0.999 / 0.5) + 0.001 * math.log(0.001 / 0.5)
+    assert losses.calibration_loss(hard, p_f).item() == pytest.approx(expected, rel=1e-4)
+    forward = 0.5 * math.log(0.5 / 0.999) + 0.5 * math.log(0.5 / 0.001)
+    assert losses.calibration_loss(hard, p_f, 2.0).item() == pytest.approx(expected + 2 * forward, rel=1e-4)
+
+
+def test_generator_adversarial_loss_non_saturating():
+    assert losses.generator_adversarial_loss(torch.zeros(4)).item() == pytest.approx(math.log(2))
+    assert losses.generator_adversarial_loss(torch.full((4,), 10.0)).item() < 1e-3
+
+
+def test_discriminator_loss_has_r1_and_accuracy():
+    torch.manual_seed(0)
+    disc = Discriminator(DiscriminatorConfig(1, 2, widths=(8, 8)))
+    image = torch.randn(2, 1, 16, 16)
+    real = soft_one_hot(torch.randint(0, 2, (2, 16, 16)), 2)
+    fake = torch.rand(2, 2, 16, 16).softmax(1)
+    without, acc = losses.discriminator_loss(disc, image, real, fake, 0.0)
+    with_r1, _ = losses.discriminator_loss(disc, image, real, fake, 10.0)
+    assert with_r1.item() > without.item()
+    assert 0.0 <= acc.item() <= 1.0
+    with_r1.backward()  # R1 is differentiable (create_graph)
+    assert all(p.grad is not None for p in disc.parameters())

@@ -1,0 +1,135 @@
+"""``carseg train``, ``carseg evaluate`` and ``carseg data synth``: the training side of the CLI."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+from pathlib import Path
+
+import torch
+
+from training.data import open_dataset
+from training.data.folder import SPLITS, write_case, write_classes
+from training.data.synthetic import GENERATORS, SyntheticDataset
+
+log = logging.getLogger("carseg")
+
+
+def resolve_device(name: str) -> torch.device:
+    """``auto`` picks CUDA when present, else the CPU."""
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
+    return device
+
+
+def _train(args: argparse.Namespace) -> None:
+    from training.train import TrainConfig, train
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    config = TrainConfig(
+        data=args.data,
+        out=Path(args.out),
+        steps=args.steps,
+        minutes=args.minutes,
+        size=args.size,
+        lambda_cal=args.lambda_cal,
+        cal_forward_weight=args.cal_forward_weight,
+        samples=args.samples,
+        batch_size=args.batch_size,
+        seed=args.seed,
+        device=str(resolve_device(args.device)),
+        val_every_s=args.val_every,
+    )
+    version = train(config)
+    print(f"best version: {version}")  # noqa: T201 - CLI output
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from training.checkpoint import load_model
+    from training.evaluate import evaluate, sample_case
+    from training.figure import case_row, save_figure
+
+    device = resolve_device(args.device)
+    model = load_model(Path(args.checkpoint), device)
+    dataset = open_dataset(args.data, args.split, length=args.cases)
+    if list(dataset.classes) != model.classes:
+        raise SystemExit(f"data classes {list(dataset.classes)} differ from the model's {model.classes}")
+    result = evaluate(model, dataset, n_samples=args.samples, device=device)
+    rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.summary.items()]
+    width = max(len(k) for k, _ in rows)
+    print(f"{model.name} v{model.version} on {args.data} [{args.split}]")  # noqa: T201
+    for key, value in rows:
+        print(f"  {key:<{width}}  {value}")  # noqa: T201
+    for kind, row in result.per_kind.items():
+        print(f"  {kind:<{width}}  predicted {row['predicted']:.3f}  true {row['true']:.3f}  ({row['events']} events)")  # noqa: T201
+    report = {**result.summary, "per_kind": result.per_kind, "model": model.name, "version": model.version, "data": args.data, "split": args.split}
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    if args.figure:
+        picks = range(min(args.figure_cases, len(dataset)))
+        save_figure([case_row(dataset[i], sample_case(model, dataset[i], args.samples, i, device)) for i in picks], Path(args.figure))
+    if args.record:
+        manifest_path = model.path / "manifest.json"
+        manifest = json.loads(manifest_path.read_text())
+        manifest.setdefault("metrics", {})[f"{args.data}:{args.split}"] = report
+        manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _synth(args: argparse.Namespace) -> None:
+    out = Path(args.out)
+    counts = {"train": args.train, "val": args.val, "test": args.test}
+    first = SyntheticDataset(args.generator, "train", 1)
+    write_classes(out, first.classes)
+    for split in SPLITS:
+        dataset = SyntheticDataset(args.generator, split, counts[split])
+        for index in range(len(dataset)):
+            write_case(out / split, dataset[index])
+    print(f"wrote {sum(counts.values())} cases to {out}")  # noqa: T201
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("train", help="train F, G and D; writes MODEL_DIR/<version>/")
+    p.add_argument("--data", required=True, help="folder, lidc-sample or synthetic:{halo,flips}")
+    p.add_argument("--out", required=True, help="model folder (e.g. models/default)")
+    budget = p.add_mutually_exclusive_group(required=True)
+    budget.add_argument("--steps", type=int)
+    budget.add_argument("--minutes", type=float)
+    p.add_argument("--size", type=int, help="train on random square crops of this side")
+    p.add_argument("--lambda-cal", type=float, default=5.0, help="weight of L_cal (0 = the ablation)")
+    p.add_argument("--cal-forward-weight", type=float, default=1.0, help="weight of the forward KL inside L_cal")
+    p.add_argument("--samples", type=int, default=8, help="samples of G per input per step")
+    p.add_argument("--batch-size", type=int, default=8)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--val-every", type=float, default=120.0, help="seconds between validations")
+    p.set_defaults(func=_train)
+
+    p = sub.add_parser("evaluate", help="metrics of a checkpoint on a data set")
+    p.add_argument("--checkpoint", required=True, help="version folder or model folder (latest version)")
+    p.add_argument("--data", required=True)
+    p.add_argument("--split", default="test", choices=SPLITS)
+    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--cases", type=int, help="synthetic: how many cases (default 200 for test)")
+    p.add_argument("--json")
+    p.add_argument("--figure")
+    p.add_argument("--figure-cases", type=int, default=4)
+    p.add_argument("--record", action="store_true", help="store the result in the model's manifest")
+    p.add_argument("--device", default="auto")
+    p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("data", help="data utilities")
+    data_sub = p.add_subparsers(dest="data_command", required=True)
+    s = data_sub.add_parser("synth", help="write a synthetic data set in the folder format")
+    s.add_argument("generator", choices=GENERATORS)
+    s.add_argument("out")
+    s.add_argument("--train", type=int, default=1000)
+    s.add_argument("--val", type=int, default=48)
+    s.add_argument("--test", type=int, default=200)
+    s.set_defaults(func=_synth)

@@ -1,0 +1,181 @@
+"""Synthetic data whose true label distribution is known, so calibration can be measured exactly.
+
+``halo``  binary, LIDC-like: 128x128 grayscale crops of a lung-like texture (parenchyma, vessels,
+          sometimes chest wall) with one nodule near the centre. A solid nodule's core is always
+          annotated; its rim is annotated, all of it or none, with a probability set by how bright
+          the rim is (faint rim 0.3, bright rim 0.7). A faint nodule with no solid core is annotated
+          at all with probability 0.5 (the empty-mask readings LIDC graders give).
+``flips`` multi-class shapes on colour noise, 64x64 RGB: each shape class relabels, all pixels
+          together, to a twin class with a known probability (the paper's Cityscapes protocol).
+
+Every case is a pure function of (generator, split, index), so data sets are reproducible and
+unbounded; four annotators per case are drawn from the true distribution, as LIDC has four graders.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass
+
+import numpy as np
+from scipy import ndimage
+
+from training.data.cases import Case, Event, KnownDistribution
+
+ANNOTATORS = 4
+SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
+HALO_CLASSES = ("background", "nodule")
+HALO_KINDS = {"rim_faint": 0.3, "rim_bright": 0.7, "faint_nodule": 0.5}
+FLIP_SHAPES = ("disc", "square", "triangle", "ring")
+FLIP_PROBABILITIES = (8 / 17, 7 / 17, 5 / 17, 4 / 17)
+FLIP_CLASSES = ("background", *FLIP_SHAPES, *(f"{s}_twin" for s in FLIP_SHAPES))
+_FLIP_COLOURS = np.array([[220, 60, 60], [60, 200, 70], [70, 90, 230], [230, 200, 50]], dtype=np.float32)
+
+
+def _rng(generator: str, split: str, index: int) -> np.random.Generator:
+    # crc32, not hash(): Python salts str hashes per process, and cases must be reproducible.
+    return np.random.default_rng([zlib.crc32(generator.encode()), SPLIT_SEEDS[split], index])
+
+
+def _smooth_noise(rng: np.random.Generator, shape: tuple[int, int], sigma: float) -> np.ndarray:
+    field = ndimage.gaussian_filter(rng.standard_normal(shape), sigma)
+    return field / (field.std() + 1e-8)
+
+
+def _blob_radius(rng: np.random.Generator, size: int, cy: float, cx: float, radius: float) -> np.ndarray:
+    """Normalised radial coordinate of a lumpy blob: < 1 inside, = 1 on its boundary."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    theta = np.arctan2(yy - cy, xx - cx)
+    wobble = 1.0 + sum(rng.uniform(0, 0.12) * np.cos(k * theta + rng.uniform(0, 2 * np.pi)) for k in (2, 3, 5))
+    return np.hypot(yy - cy, xx - cx) / (radius * wobble)
+
+
+def _lung_background(rng: np.random.Generator, size: int) -> np.ndarray:
+    img = 24 + 9 * _smooth_noise(rng, (size, size), 4) + 4 * rng.standard_normal((size, size))
+    vessels = np.zeros((size, size), np.float32)
+    for _ in range(rng.integers(3, 7)):
+        # a vessel is a random walk with momentum, drawn 1-3 px wide
+        pos = rng.uniform(0, size, 2)
+        angle = rng.uniform(0, 2 * np.pi)
+        width = rng.uniform(0.6, 1.6)
+        for _ in range(int(rng.integers(30, 120))):
+            angle += rng.normal(0, 0.15)
+            pos += (np.sin(angle), np.cos(angle))
+            y, x = int(pos[0]), int(pos[1])
+            if 0 <= y < size and 0 <= x < size:
+                vessels[y, x] = width
+    vessels = ndimage.gaussian_filter(ndimage.grey_dilation(vessels, size=2), 0.8)
+    img += 85 * np.clip(vessels / (vessels.max() + 1e-8) * 1.5, 0, 1)
+    if rng.random() < 0.4:
+        # chest wall: a bright band behind a smooth curved boundary on one side
+        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+        side = rng.integers(4)
+        coord = [xx, yy, size - 1 - xx, size - 1 - yy][side]
+        other = [yy, xx, yy, xx][side]
+        edge = rng.uniform(6, 22) + 6 * np.sin(other / size * np.pi * rng.uniform(0.5, 2) + rng.uniform(0, 6))
+        img = np.where(coord < edge, 120 + 8 * _smooth_noise(rng, (size, size), 2), img)
+    return img
+
+
+def halo_case(split: str, index: int, size: int = 128) -> Case:
+    rng = _rng("halo", split, index)
+    img = _lung_background(rng, size)
+    cy, cx = size / 2 + rng.uniform(-10, 10, 2)
+    base = np.zeros((size, size), np.uint8)
+    events: list[Event] = []
+    if rng.random() < 2 / 3:
+        core_radius = rng.uniform(5, 13)
+        rim_width = rng.uniform(3, 6)
+        rho = _blob_radius(rng, size, cy, cx, core_radius)
+        core = rho < 1.0
+        rim = (~core) & (rho < 1.0 + rim_width / core_radius)
+        kind = "rim_bright" if rng.random() < 0.5 else "rim_faint"
+        rim_level = 95 if kind == "rim_bright" else 68
+        img = np.where(rim, rim_level + 6 * rng.standard_normal((size, size)), img)
+        img = np.where(core, 128 + 7 * rng.standard_normal((size, size)), img)
+        base[core] = 1
+        events.append(Event(rim, kind, HALO_KINDS[kind], on_label=1, off_label=0))
+    else:
+        rho = _blob_radius(rng, size, cy, cx, rng.uniform(6, 14))
+        lesion = rho < 1.0
+        img = np.where(lesion, 72 + 6 * rng.standard_normal((size, size)), img)
+        events.append(Event(lesion, "faint_nodule", HALO_KINDS["faint_nodule"], on_label=1, off_label=0))
+    img = ndimage.gaussian_filter(img, 0.7)
+    image = np.clip(img, 0, 255).astype(np.uint8)[:, :, None]
+    truth = KnownDistribution(base, tuple(events))
+    return Case(f"halo-{split}-{index}", image, truth.sample(rng, ANNOTATORS), truth)
+
+
+def _shape_mask(shape: str, size: int, cy: float, cx: float, r: float) -> np.ndarray:
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    dy, dx = yy - cy, xx - cx
+    if shape == "disc":
+        return np.hypot(dy, dx) < r
+    if shape == "square":
+        return (np.abs(dy) < r * 0.85) & (np.abs(dx) < r * 0.85)
+    if shape == "triangle":
+        return (dy < r * 0.7) & (dy > -r + 2 * np.abs(dx) * 0.9)
+    if shape == "ring":
+        d = np.hypot(dy, dx)
+        return (d < r) & (d > r * 0.5)
+    raise ValueError(f"unknown shape {shape!r}")
+
+
+def flips_case(split: str, index: int, size: int = 64) -> Case:
+    rng = _rng("flips", split, index)
+    img = 110 + 25 * np.stack([_smooth_noise(rng, (size, size), 3) for _ in range(3)], axis=-1)
+    img += 12 * rng.standard_normal((size, size, 3))
+    base = np.zeros((size, size), np.uint8)
+    events: list[Event] = []
+    n_shapes = len(FLIP_SHAPES)
+    for cls in rng.choice(n_shapes, size=int(rng.integers(1, 4)), replace=False):
+        for _ in range(20):  # place without overlapping an earlier shape
+            r = rng.uniform(7, 12)
+            cy, cx = rng.uniform(r, size - r, 2)
+            mask = _shape_mask(FLIP_SHAPES[cls], size, cy, cx, r)
+            if not (mask & (base > 0)).any():
+                break
+        else:
+            continue
+        colour = _FLIP_COLOURS[cls] + rng.normal(0, 12, 3)
+        img[mask] = colour + 10 * rng.standard_normal((int(mask.sum()), 3))
+        base[mask] = cls + 1
+        events.append(Event(mask, FLIP_SHAPES[cls], FLIP_PROBABILITIES[cls], on_label=cls + 1 + n_shapes, off_label=cls + 1))
+    image = np.clip(img, 0, 255).astype(np.uint8)
+    truth = KnownDistribution(base, tuple(events))
+    return Case(f"flips-{split}-{index}", image, truth.sample(rng, ANNOTATORS), truth)
+
+
+@dataclass(frozen=True)
+class SyntheticDataset:
+    """An unbounded synthetic data set; ``length`` only sets how many cases a pass visits."""
+
+    generator: str
+    split: str
+    length: int
+
+    @property
+    def classes(self) -> tuple[str, ...]:
+        return HALO_CLASSES if self.generator == "halo" else FLIP_CLASSES
+
+    @property
+    def in_channels(self) -> int:
+        return 1 if self.generator == "halo" else 3
+
+    @property
+    def description(self) -> dict[str, object]:
+        kinds = HALO_KINDS if self.generator == "halo" else dict(zip(FLIP_SHAPES, FLIP_PROBABILITIES, strict=True))
+        return {"source": f"synthetic:{self.generator}", "split": self.split, "annotators": ANNOTATORS, "event_probabilities": kinds}
+
+    def __len__(self) -> int:
+        return self.length
+
+    def __getitem__(self, index: int) -> Case:
+        if not 0 <= index < self.length:
+            raise IndexError(index)
+        make = halo_case if self.generator == "halo" else flips_case
+        return make(self.split, index)
+
+
+GENERATORS = ("halo", "flips")
+DEFAULT_LENGTHS = {"train": 1_000_000, "val": 48, "test": 200}

@@ -1,0 +1,130 @@
+"""Metrics of stochastic segmentation, as pure functions on label maps (numpy, uint/int class
+indices). Each returns a per-image value; averaging over a data set is the caller's.
+
+Distance between two label maps A, B over the classes of interest K (for binary data K = {1}):
+
+    d(A, B) = 1 - nanmean_{c in K} IoU_c,   IoU_c = |A=c & B=c| / |A=c | B=c|,
+    IoU_c = nan when class c is absent from both; d = 0 when every class is absent from both.
+
+So for binary masks: both empty -> d = 0, exactly one empty -> d = 1 (the LIDC convention).
+"""
+
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+from collections.abc import Iterable, Sequence
+
+import numpy as np
+from scipy.optimize import linear_sum_assignment
+
+from training.data.cases import Event
+
+
+def _check_maps(name: str, maps: np.ndarray) -> None:
+    if maps.ndim != 3 or maps.shape[0] == 0:
+        raise ValueError(f"{name} must be (n, H, W) with n >= 1, got shape {maps.shape}")
+
+
+def pairwise_distances(a: np.ndarray, b: np.ndarray, classes: Sequence[int]) -> np.ndarray:
+    """(n, H, W), (m, H, W) -> (n, m) matrix of d(a_i, b_j) as defined in the module docstring."""
+    _check_maps("a", a)
+    _check_maps("b", b)
+    if a.shape[1:] != b.shape[1:]:
+        raise ValueError(f"shapes differ: {a.shape[1:]} vs {b.shape[1:]}")
+    if len(classes) == 0:
+        raise ValueError("classes of interest must not be empty")
+    ious = np.empty((len(classes), a.shape[0], b.shape[0]))
+    for idx, c in enumerate(classes):
+        fa = (a == c).reshape(a.shape[0], -1).astype(np.float64)  # (n, P)
+        fb = (b == c).reshape(b.shape[0], -1).astype(np.float64)  # (m, P)
+        inter = fa @ fb.T
+        union = fa.sum(1)[:, None] + fb.sum(1)[None, :] - inter
+        with np.errstate(invalid="ignore", divide="ignore"):
+            ious[idx] = np.where(union > 0, inter / union, np.nan)
+    all_absent = np.isnan(ious).all(axis=0)
+    with np.errstate(invalid="ignore"):
+        mean_iou = np.nanmean(np.where(all_absent[None], 1.0, ious), axis=0)
+    return 1.0 - mean_iou
+
+
+def ged(samples: np.ndarray, annotators: np.ndarray, classes: Sequence[int]) -> float:
+    """Squared generalised energy distance D^2 = 2 E[d(S, Y)] - E[d(S, S')] - E[d(Y, Y')], plain
+    means over all pairs, diagonals included (the literature's convention; it biases GED down as
+    the number of samples n grows, so always report n)."""
+    cross = pairwise_distances(samples, annotators, classes).mean()
+    within_s = pairwise_distances(samples, samples, classes).mean()
+    within_y = pairwise_distances(annotators, annotators, classes).mean()
+    return float(2 * cross - within_s - within_y)
+
+
+def diversity(samples: np.ndarray, classes: Sequence[int]) -> float:
+    """Sample diversity E[d(S, S')] over all pairs, diagonal included (as in GED)."""
+    return float(pairwise_distances(samples, samples, classes).mean())
+
+
+def hm_iou(samples: np.ndarray, annotators: np.ndarray, classes: Sequence[int]) -> float:
+    """Hungarian-matched IoU: tile samples and annotators to lcm(n, m), match them one to one
+    minimising the summed distance d, and return the mean matched IoU = 1 - mean matched d."""
+    n, m = samples.shape[0], annotators.shape[0]
+    cost = pairwise_distances(samples, annotators, classes)  # (n, m)
+    size = math.lcm(n, m)
+    tiled = np.tile(cost, (size // n, size // m))  # (L, L): row i is sample i % n, column j annotator j % m
+    rows, cols = linear_sum_assignment(tiled)
+    return float(1.0 - tiled[rows, cols].mean())
+
+
+def ece(confidence: np.ndarray, frequency: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error of predicted probabilities against observed frequencies:
+    sum_b (N_b / N) |mean(confidence in b) - mean(frequency in b)| over ``bins`` equal-width bins
+    of [0, 1]. For p_F: confidence = p_F(class) per pixel, frequency = the share of annotators who
+    marked that class there, pooled over every pixel of a data set."""
+    confidence = np.asarray(confidence, dtype=np.float64).ravel()
+    frequency = np.asarray(frequency, dtype=np.float64).ravel()
+    if confidence.shape != frequency.shape:
+        raise ValueError(f"confidence and frequency differ in size: {confidence.size} vs {frequency.size}")
+    if confidence.size == 0:
+        raise ValueError("ece of an empty set")
+    which = np.clip((confidence * bins).astype(np.int64), 0, bins - 1)
+    conf_sum = np.bincount(which, confidence, minlength=bins)
+    freq_sum = np.bincount(which, frequency, minlength=bins)
+    return float(np.abs(conf_sum - freq_sum).sum() / confidence.size)
+
+
+def event_outcomes(samples: np.ndarray, event: Event) -> tuple[np.ndarray, np.ndarray]:
+    """For each sample: whether the event happened (the majority label in its region is the event's
+    ``on_label``) and coherence (the share of the region's pixels carrying that majority label).
+    Returns (n,) bool and (n,) float."""
+    _check_maps("samples", samples)
+    values = samples[:, event.region]  # (n, P)
+    if values.shape[1] == 0:
+        raise ValueError(f"event {event.kind!r} has an empty region")
+    counts = np.stack([(values == label).sum(1) for label in range(int(values.max()) + 1)], axis=1)  # (n, L)
+    majority = counts.argmax(1)
+    coherence = counts.max(1) / values.shape[1]
+    return majority == event.on_label, coherence
+
+
+def calibration_error(records: Iterable[tuple[str, float, np.ndarray]]) -> tuple[float, dict[str, dict[str, float]]]:
+    """Mean over event kinds of |predicted frequency - true probability|, where for each kind the
+    predicted frequency is the share of (event, sample) pairs in which the event happened and the
+    true probability is the mean of its events' probabilities. ``records`` holds one
+    (kind, probability, outcomes (n,) bool) per event. Also returns the per-kind table."""
+    happened: dict[str, list[float]] = defaultdict(list)
+    truth: dict[str, list[float]] = defaultdict(list)
+    for kind, probability, outcomes in records:
+        happened[kind].extend(np.asarray(outcomes, dtype=np.float64).tolist())
+        truth[kind].append(probability)
+    if not happened:
+        raise ValueError("calibration_error needs at least one event")
+    table = {
+        kind: {"predicted": float(np.mean(happened[kind])), "true": float(np.mean(truth[kind])), "events": len(truth[kind])}
+        for kind in sorted(happened)
+    }
+    error = float(np.mean([abs(row["predicted"] - row["true"]) for row in table.values()]))
+    return error, table
+
+
+def foreground_classes(num_classes: int) -> list[int]:
+    """Classes of interest for d: every class but background (index 0)."""
+    return list(range(1, num_classes))

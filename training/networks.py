@@ -1,0 +1,232 @@
+"""The three networks of Calibrated Adversarial Refinement (Kassapis et al., ICCV 2021).
+
+F (CalibrationNet) predicts a calibrated per-pixel class distribution p_F.
+G (RefinementNet) maps (image, p_F, z) to one coherent segmentation sample per noise vector z;
+its encoder runs once per image and its decoder once per sample.
+D (Discriminator) scores (image, soft one-hot mask) pairs: one real/fake logit per image.
+
+All three are fully convolutional over any H, W divisible by ``stride`` (the sampler pads).
+Where we differ from the reference implementation, the docstring of the class says why.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from typing import Any
+
+import torch
+import torch.nn.functional as nnf
+from torch import Tensor, nn
+
+
+def _conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(c_in, c_out, 3, stride=stride, padding=1, bias=False),
+        nn.BatchNorm2d(c_out),
+        nn.LeakyReLU(0.2, inplace=True),
+    )
+
+
+class _Encoder(nn.Module):
+    """Stride-2 conv encoder; returns the feature map of every level, finest first."""
+
+    def __init__(self, c_in: int, widths: tuple[int, ...]) -> None:
+        super().__init__()
+        self.stem = nn.Sequential(_conv_block(c_in, widths[0]), _conv_block(widths[0], widths[0]))
+        self.downs = nn.ModuleList(
+            nn.Sequential(_conv_block(widths[i], widths[i + 1], stride=2), _conv_block(widths[i + 1], widths[i + 1]))
+            for i in range(len(widths) - 1)
+        )
+
+    def forward(self, x: Tensor) -> list[Tensor]:
+        feats = [self.stem(x)]
+        for down in self.downs:
+            feats.append(down(feats[-1]))
+        return feats
+
+
+class _UpBlock(nn.Module):
+    """Transposed-conv upsampling, skip concatenation, one conv block."""
+
+    def __init__(self, c_in: int, c_skip: int, c_out: int) -> None:
+        super().__init__()
+        self.up = nn.ConvTranspose2d(c_in, c_out, 2, stride=2)
+        self.fuse = _conv_block(c_out + c_skip, c_out)
+
+    def forward(self, x: Tensor, skip: Tensor) -> Tensor:
+        return self.fuse(torch.cat([self.up(x), skip], dim=1))
+
+
+@dataclass(frozen=True)
+class CalibrationConfig:
+    in_channels: int
+    num_classes: int
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+
+    @property
+    def stride(self) -> int:
+        return 2 ** (len(self.widths) - 1)
+
+
+class CalibrationNet(nn.Module):
+    """F: a U-Net whose logits give p_F. Trained from scratch (no pretrained VGG offline)."""
+
+    def __init__(self, config: CalibrationConfig) -> None:
+        super().__init__()
+        self.config = config
+        w = config.widths
+        self.encoder = _Encoder(config.in_channels, w)
+        self.ups = nn.ModuleList(_UpBlock(w[i + 1], w[i], w[i]) for i in reversed(range(len(w) - 1)))
+        self.head = nn.Conv2d(w[0], config.num_classes, 1)
+
+    def forward(self, image: Tensor) -> Tensor:
+        """image (B, C_in, H, W) -> logits (B, C, H, W)."""
+        feats = self.encoder(image)
+        x = feats[-1]
+        for up, skip in zip(self.ups, reversed(feats[:-1]), strict=True):
+            x = up(x, skip)
+        return self.head(x)
+
+
+@dataclass(frozen=True)
+class RefinementConfig:
+    in_channels: int
+    num_classes: int
+    widths: tuple[int, ...] = (16, 32, 64, 128)
+    noise_dim: int = 8
+    dropout: float = 0.1
+
+    @property
+    def stride(self) -> int:
+        return 2 ** (len(self.widths) - 1)
+
+
+class _NoiseInjection(nn.Module):
+    """f' = (f + A(z)) * (1 + B(z)), broadcast over H x W, then a 1x1 conv.
+
+    The reference multiplies by (B(z) + 1e-5); starting from identity (1 + B(z)) keeps the
+    decoder's signal alive at initialisation, so G does not first have to learn to undo a
+    near-zero gain.
+    """
+
+    def __init__(self, noise_dim: int, channels: int) -> None:
+        super().__init__()
+        self.shift = nn.Linear(noise_dim, channels)
+        self.scale = nn.Linear(noise_dim, channels)
+        self.mix = nn.Conv2d(channels, channels, 1)
+
+    def forward(self, f: Tensor, z: Tensor) -> Tensor:
+        shift = self.shift(z)[:, :, None, None]  # (B, C, 1, 1)
+        scale = self.scale(z)[:, :, None, None]
+        return self.mix((f + shift) * (1.0 + scale))
+
+
+class RefinementNet(nn.Module):
+    """G: U-Net generator over concat(image, p_F) with a global noise vector injected at every
+    decoder stage (>= 3 for the default widths). ``encode`` once, ``decode`` once per sample."""
+
+    def __init__(self, config: RefinementConfig) -> None:
+        super().__init__()
+        self.config = config
+        w = config.widths
+        self.encoder = _Encoder(config.in_channels + config.num_classes, w)
+        levels = list(reversed(range(len(w) - 1)))
+        self.inject = nn.ModuleList(_NoiseInjection(config.noise_dim, w[i + 1]) for i in levels)
+        self.ups = nn.ModuleList(_UpBlock(w[i + 1], w[i], w[i]) for i in levels)
+        self.inject_out = _NoiseInjection(config.noise_dim, w[0])
+        self.dropout = nn.Dropout2d(config.dropout)
+        self.head = nn.Conv2d(w[0], config.num_classes, 1)
+
+    def encode(self, image: Tensor, p_f: Tensor) -> list[Tensor]:
+        """(B, C_in, H, W), (B, C, H, W) -> features of every level, finest first."""
+        return self.encoder(torch.cat([image, p_f], dim=1))
+
+    def decode(self, feats: list[Tensor], z: Tensor) -> Tensor:
+        """Features of B' = B * k rows (already repeated per sample) and z (B', noise_dim) ->
+        logits (B', C, H, W)."""
+        x = feats[-1]
+        for inject, up, skip in zip(self.inject, self.ups, reversed(feats[:-1]), strict=True):
+            x = up(inject(x, z), skip)
+        x = self.dropout(self.inject_out(x, z))
+        return self.head(x)
+
+    def forward(self, image: Tensor, p_f: Tensor, z: Tensor) -> Tensor:
+        """k samples per image: z (B, k, noise_dim) -> logits (B, k, C, H, W)."""
+        b, k = z.shape[:2]
+        feats = [f.repeat_interleave(k, dim=0) for f in self.encode(image, p_f)]
+        logits = self.decode(feats, z.reshape(b * k, -1))  # (B*k, C, H, W)
+        return logits.reshape(b, k, *logits.shape[1:])
+
+
+@dataclass(frozen=True)
+class DiscriminatorConfig:
+    in_channels: int
+    num_classes: int
+    widths: tuple[int, ...] = (32, 64, 128, 128)
+
+
+class Discriminator(nn.Module):
+    """D: strided 4x4 convs over concat(image, mask), LeakyReLU 0.2, no normalisation, global mean
+    over the last map and a linear head: one logit per image (the sigmoid lives in the loss)."""
+
+    def __init__(self, config: DiscriminatorConfig) -> None:
+        super().__init__()
+        self.config = config
+        layers: list[nn.Module] = []
+        c = config.in_channels + config.num_classes
+        for width in config.widths:
+            layers += [nn.Conv2d(c, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
+            c = width
+        self.features = nn.Sequential(*layers)
+        self.head = nn.Linear(c, 1)
+
+    def forward(self, image: Tensor, mask: Tensor) -> Tensor:
+        """(B, C_in, H, W), (B, C, H, W) soft one-hot -> logits (B,)."""
+        h = self.features(torch.cat([image, mask], dim=1)).mean(dim=(2, 3))  # (B, C_last)
+        return self.head(h).squeeze(1)
+
+
+@dataclass(frozen=True)
+class ArchitectureConfig:
+    """Everything needed to rebuild F, G and D; saved with the weights as JSON."""
+
+    calibration: CalibrationConfig
+    refinement: RefinementConfig
+    discriminator: DiscriminatorConfig = field(default=None)  # type: ignore[assignment]
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> ArchitectureConfig:
+        unknown = set(data) - {"calibration", "refinement", "discriminator"}
+        if unknown:
+            raise ValueError(f"unknown architecture keys: {sorted(unknown)}")
+        disc = data.get("discriminator")
+        return cls(
+            calibration=_build(CalibrationConfig, data["calibration"]),
+            refinement=_build(RefinementConfig, data["refinement"]),
+            discriminator=_build(DiscriminatorConfig, disc) if disc else None,  # type: ignore[arg-type]
+        )
+
+    @classmethod
+    def default(cls, in_channels: int, num_classes: int) -> ArchitectureConfig:
+        return cls(
+            calibration=CalibrationConfig(in_channels, num_classes),
+            refinement=RefinementConfig(in_channels, num_classes),
+            discriminator=DiscriminatorConfig(in_channels, num_classes),
+        )
+
+
+def _build(config_cls: type, data: dict[str, Any]) -> Any:
+    known = set(config_cls.__dataclass_fields__)
+    unknown = set(data) - known
+    if unknown:
+        raise ValueError(f"unknown {config_cls.__name__} keys: {sorted(unknown)}")
+    values = {k: tuple(v) if isinstance(v, list) else v for k, v in data.items()}
+    return config_cls(**values)
+
+
+def soft_one_hot(labels: Tensor, num_classes: int) -> Tensor:
+    """(B, H, W) int -> (B, C, H, W) float one-hot."""
+    return nnf.one_hot(labels, num_classes).permute(0, 3, 1, 2).float()
