@@ -1,0 +1,96 @@
+"""The app factory: settings -> registry -> queue -> segmenter, wired in the lifespan."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from service.api.middleware import BodyLimit, RequestMetrics
+from service.api.routes import health, inference, models
+from service.config import Settings, get_settings
+from service.errors import ServiceError
+from service.metrics import Metrics
+from service.queue import JobQueue
+from service.queue.local import LocalQueue
+from service.registry import ModelRegistry
+from service.segmentation import Segmenter
+from training.cli import resolve_device
+
+log = logging.getLogger(__name__)
+
+
+def build_queue(settings: Settings, registry: ModelRegistry, metrics: Metrics) -> JobQueue:
+    if settings.queue == "redis":
+        raise ServiceError("the Redis queue is not available in this build; use --queue local")
+    device = resolve_device(settings.device)
+    for name in registry.names():  # load before taking traffic: ready means ready
+        entry = registry.get(name)
+        registry.load(name, entry.version, device)
+    return LocalQueue(
+        registry, device, metrics, settings.batch_max_samples, settings.batch_max_delay_ms / 1000,
+        settings.max_queued_jobs, settings.decode_batch,
+    )
+
+
+def _error(request: Request, exc: ServiceError) -> JSONResponse:
+    request.app.state.metrics.errors.labels(exc.reason).inc()
+    return JSONResponse({"error": exc.reason, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        registry = ModelRegistry(settings.model_dir)
+        queue = build_queue(settings, registry, metrics)
+        await queue.start()
+        app.state.registry, app.state.queue = registry, queue
+        app.state.segmenter = Segmenter(settings, registry, queue)
+        log.info("serving %s from %s with the %s queue", registry.names(), settings.model_dir, settings.queue)
+        try:
+            yield
+        finally:
+            await queue.stop()
+
+    app = FastAPI(
+        title="carseg", version="0.1.0", lifespan=lifespan,
+        description="Calibrated stochastic segmentation: k plausible masks and uncertainty maps per image.",
+    )
+    app.state.settings, app.state.metrics = settings, metrics
+    app.include_router(inference.router)
+    app.include_router(models.router)
+    app.include_router(health.router)
+
+    @app.exception_handler(ServiceError)
+    async def service_error(request: Request, exc: ServiceError) -> JSONResponse:
+        return _error(request, exc)
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        parts = [f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in exc.errors()]
+        request.app.state.metrics.errors.labels("invalid_parameter").inc()
+        return JSONResponse({"error": "invalid_parameter", "detail": "; ".join(parts)}, status_code=422)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        return JSONResponse({"error": reason, "detail": str(exc.detail)}, status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s %s", request.method, request.url.path)
+        request.app.state.metrics.errors.labels("internal").inc()
+        return JSONResponse({"error": "internal", "detail": "internal error; it has been logged"}, status_code=500)
+
+    # base64 makes JSON bodies 4/3 of the file; the slack covers multipart headers
+    app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes * 4 // 3 + 65536)
+    app.add_middleware(RequestMetrics, metrics=metrics)
+    return app

@@ -1,0 +1,30 @@
+"""Liveness, readiness and the Prometheus scrape endpoint."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Request, Response
+from fastapi.responses import JSONResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from service.api.deps import MetricsDep, RegistryDep
+
+router = APIRouter(tags=["health"])
+
+
+@router.get("/health/live")
+async def live() -> dict[str, str]:
+    return {"status": "ok"}
+
+
+@router.get("/health/ready")
+async def ready(request: Request, registry: RegistryDep) -> JSONResponse:
+    ok, why = request.app.state.queue.ready()
+    if not registry.names():
+        ok, why = False, "no models loaded"
+    return JSONResponse({"status": "ok" if ok else "unavailable", "detail": why, "models": registry.names()}, status_code=200 if ok else 503)
+
+
+@router.get("/metrics")
+async def metrics(request: Request, m: MetricsDep) -> Response:
+    m.queue_depth.set(request.app.state.queue.depth())
+    return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

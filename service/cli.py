@@ -1,0 +1,45 @@
+"""The ``carseg`` command: training commands come from ``training.cli``, serving ones from here."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from training import cli as training_cli
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="carseg", description="calibrated stochastic segmentation")
+    sub = parser.add_subparsers(dest="command", required=True)
+    training_cli.register(sub)
+    p = sub.add_parser("serve", help="serve every model under the model dir over HTTP")
+    p.add_argument("--model-dir", help="default: the repository's models/ ($CARSEG_MODEL_DIR)")
+    p.add_argument("--host")
+    p.add_argument("--port", type=int)
+    p.add_argument("--queue", choices=("local", "redis"))
+    p.add_argument("--redis-url")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.set_defaults(func=_serve)
+    return parser
+
+
+def _serve(args: argparse.Namespace) -> None:
+    import uvicorn
+
+    from service.api.app import create_app
+    from service.config import Settings
+
+    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
+    settings = Settings(**overrides)
+    uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    args = build_parser().parse_args(argv)
+    args.func(args)
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])

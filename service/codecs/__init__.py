@@ -1,0 +1,1 @@
+"""Input and output formats: decoding uploaded images, encoding results. Pluggable by media type."""

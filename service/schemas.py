@@ -1,0 +1,71 @@
+"""Pydantic models at the API boundary."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field
+
+
+class ImageJSON(BaseModel):
+    """A JSON request: the image file's bytes (PNG, JPEG or .npy), base64-encoded."""
+
+    image: str = Field(description="base64 of a PNG (8/16-bit), JPEG or .npy file")
+    k: int | None = Field(None, description="number of samples; overrides the query parameter")
+    seed: int | None = Field(None, description="noise seed; overrides the query parameter")
+
+
+class SampleResponse(BaseModel):
+    model: str
+    version: str
+    k: int
+    seed: int
+    height: int
+    width: int
+    classes: list[str]
+    masks: list[str] = Field(description="k base64 PNGs, 8-bit, pixel = class index")
+
+
+class UncertaintyResponse(BaseModel):
+    model: str
+    version: str
+    k: int
+    seed: int
+    height: int
+    width: int
+    classes: list[str]
+    arrays: dict[str, str] = Field(
+        description="base64 .npy files: probabilities (C,H,W) = p_F, aleatoric_entropy, sample_entropy, "
+        "mutual_information, sample_variance (H,W); entropies in nats"
+    )
+    preview: str | None = Field(None, description="base64 PNG heat map of sample_entropy on [0, log C]")
+
+
+class InputSpec(BaseModel):
+    channels: int
+    dtype: list[str]
+    max_side: int
+    max_pixels: int
+    normalisation: dict[str, float]
+
+
+class ModelSummary(BaseModel):
+    name: str
+    version: str
+    versions: list[str]
+    classes: list[str]
+
+
+class ModelDetail(ModelSummary):
+    input: InputSpec
+    sha256: dict[str, str]
+    metrics: dict
+    data: dict
+    training: dict
+
+
+class ModelList(BaseModel):
+    models: list[ModelSummary]
+
+
+class ErrorResponse(BaseModel):
+    error: str
+    detail: str
