@@ -21,17 +21,41 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--redis-url")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.set_defaults(func=_serve)
+
+    p = sub.add_parser("worker", help="consume the Redis job streams and run the sampler (one process per GPU)")
+    p.add_argument("--redis-url")
+    p.add_argument("--model-dir")
+    p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
+    p.add_argument("--models", nargs="*", help="models to serve (default: all in the model dir)")
+    p.add_argument("--metrics-port", type=int, dest="worker_metrics_port", help="serve Prometheus metrics on this port")
+    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.set_defaults(func=_worker)
     return parser
+
+
+def _settings(args: argparse.Namespace):
+    from service.config import Settings
+
+    return Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None})
+
+
+def _worker(args: argparse.Namespace) -> None:
+    import torch
+
+    from service.worker import serve_worker
+
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    settings = _settings(args)
+    serve_worker(settings, training_cli.resolve_device(settings.device), args.models)
 
 
 def _serve(args: argparse.Namespace) -> None:
     import uvicorn
 
     from service.api.app import create_app
-    from service.config import Settings
 
-    overrides = {k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None}
-    settings = Settings(**overrides)
+    settings = _settings(args)
     uvicorn.run(create_app(settings), host=settings.host, port=settings.port, log_level="info")
 
 

@@ -36,6 +36,17 @@ class Settings(BaseSettings):
     max_queued_jobs: int = Field(512, ge=1)
     decode_batch: int = Field(64, ge=1)
 
+    # Redis Streams queue (--queue redis) and its workers
+    redis_prefix: str = "carseg"
+    visibility_timeout_s: float = Field(60.0, gt=0, description="a job pending this long is reclaimed from its worker")
+    max_deliveries: int = Field(3, ge=1, description="deliveries before a job goes to the dead-letter stream")
+    heartbeat_interval_s: float = Field(2.0, gt=0)
+    heartbeat_ttl_s: float = Field(10.0, gt=0)
+    result_ttl_s: int = Field(120, ge=1)
+    stream_maxlen: int = Field(10_000, ge=16, description="approximate cap on a stream's length (memory bound)")
+    worker_block_ms: int = Field(200, ge=1)
+    worker_metrics_port: int | None = None
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.default_k > self.max_k:

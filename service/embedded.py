@@ -1,5 +1,6 @@
 """Run the real app on a real port inside this process (a uvicorn server in a thread), for tests
-and benchmarks that must go through HTTP. Readiness is polled, never slept for."""
+and benchmarks that must go through HTTP. Start-up is polled (liveness: the lifespan has run and
+models are loaded), never slept for; readiness is the caller's to wait for where it depends on workers."""
 
 from __future__ import annotations
 
@@ -37,7 +38,7 @@ class EmbeddedServer:
             if not self._thread.is_alive():
                 raise RuntimeError("the server exited during start-up")
             try:
-                if httpx.get(f"{self.url}/health/ready", timeout=1.0).status_code == 200:
+                if httpx.get(f"{self.url}/health/live", timeout=1.0).status_code == 200:
                     return self
             except httpx.HTTPError:
                 pass

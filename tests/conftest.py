@@ -17,3 +17,63 @@ def lidc_root():
     if not root.is_dir():
         pytest.fail(f"the LIDC sample is missing at {root}; it lives in shared/data beside the repository")
     return root
+
+
+class RedisProcess:
+    """A real redis-server on a free loopback port, owned by the test session."""
+
+    def __init__(self) -> None:
+        import shutil
+
+        from service.embedded import free_port
+
+        self.binary = shutil.which("redis-server")
+        if self.binary is None:
+            pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
+        self.port = free_port()
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc = None
+
+    def start(self) -> RedisProcess:
+        import subprocess
+        import time
+
+        import redis
+
+        self.proc = subprocess.Popen(
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        )
+        client = redis.Redis(port=self.port)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                if client.ping():
+                    return self
+            except redis.ConnectionError:
+                time.sleep(0.02)  # polling interval
+        raise TimeoutError("redis-server did not answer PING within 10 s")
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=10)
+            self.proc = None
+
+    def flush(self) -> None:
+        import redis
+
+        redis.Redis(port=self.port).flushall()
+
+
+@pytest.fixture(scope="session")
+def redis_process():
+    server = RedisProcess().start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def redis_url(redis_process):
+    redis_process.flush()
+    return redis_process.url

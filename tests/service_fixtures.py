@@ -19,13 +19,14 @@ def write_tiny_model(model_dir: Path, name: str = "tiny", channels: int = 1, cla
     f_cfg = CalibrationConfig(channels, classes, widths=(8, 16, 16))
     g_cfg = RefinementConfig(channels, classes, widths=(8, 16, 16), noise_dim=4)
     f, g = CalibrationNet(f_cfg), RefinementNet(g_cfg)
+    torch.nn.init.normal_(g.head.weight)  # an untrained G with the prior skip ignores z
     manifest = {
         "name": name,
         "architecture": {
             "calibration": {"in_channels": channels, "num_classes": classes, "widths": [8, 16, 16]},
-            "refinement": {"in_channels": channels, "num_classes": classes, "widths": [8, 16, 16], "noise_dim": 4, "dropout": 0.1},
+            "refinement": {"in_channels": channels, "num_classes": classes, "widths": [8, 16, 16], "noise_dim": 4, "dropout": 0.1, "prior_skip": True},
         },
-        "classes": ["background", *[f"class{i}" for i in range(1, classes)]],
+        "classes": ["background", "nodule", *[f"class{i}" for i in range(2, classes)]][:classes],
         "in_channels": channels,
         "normalisation": {"low": -1.0, "high": 1.0},
         "metrics": {"validation": {"ged": 0.5}},

@@ -28,6 +28,7 @@ def test_shapes_for_any_channels_and_classes(channels, classes):
 def test_noise_is_injected_at_three_or_more_decoder_stages_and_changes_the_output():
     g = RefinementNet(RefinementConfig(1, 2))
     assert len(g.inject) + 1 >= 3
+    torch.nn.init.normal_(g.head.weight)  # the prior skip starts the head at zero
     g.eval()
     x, p = torch.randn(1, 1, 32, 32), torch.full((1, 2, 32, 32), 0.5)
     out = g(x, p, torch.randn(1, 2, g.config.noise_dim))
@@ -42,6 +43,13 @@ def test_encode_once_decode_per_sample_equals_forward():
     feats = g.encode(x, p)
     manual = torch.stack([g.decode([f[i : i + 1].expand(3, -1, -1, -1) for f in feats], z[i]) for i in range(2)])
     assert torch.allclose(manual, g(x, p, z), atol=1e-5)
+
+
+def test_prior_skip_starts_g_at_p_f():
+    g = RefinementNet(RefinementConfig(1, 3, widths=(8, 16, 16))).eval()
+    p = torch.rand(2, 3, 16, 16).softmax(1)
+    out = g(torch.randn(2, 1, 16, 16), p, torch.randn(2, 4, g.config.noise_dim)).softmax(2)
+    assert torch.allclose(out, p[:, None].expand_as(out), atol=1e-5)
 
 
 def test_architecture_config_round_trip_and_unknown_keys():

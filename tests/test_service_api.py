@@ -34,7 +34,7 @@ def test_health_and_model_listing(server):
     assert httpx.get(f"{server.url}/health/live").json() == {"status": "ok"}
     assert httpx.get(f"{server.url}/health/ready").status_code == 200
     models = httpx.get(f"{server.url}/v1/models").json()["models"]
-    assert models == [{"name": "tiny", "version": "1", "versions": ["1"], "classes": ["background", "class1"]}]
+    assert models == [{"name": "tiny", "version": "1", "versions": ["1"], "classes": ["background", "nodule"]}]
     detail = httpx.get(f"{server.url}/v1/models/tiny").json()
     assert detail["input"]["channels"] == 1 and set(detail["sha256"]) == {"calibration.safetensors", "refinement.safetensors"}
     assert detail["metrics"]["validation"]["ged"] == 0.5

@@ -18,6 +18,7 @@ from service.errors import ServiceError
 from service.metrics import Metrics
 from service.queue import JobQueue
 from service.queue.local import LocalQueue
+from service.queue.redis_queue import RedisQueue
 from service.registry import ModelRegistry
 from service.segmentation import Segmenter
 from training.cli import resolve_device
@@ -27,7 +28,7 @@ log = logging.getLogger(__name__)
 
 def build_queue(settings: Settings, registry: ModelRegistry, metrics: Metrics) -> JobQueue:
     if settings.queue == "redis":
-        raise ServiceError("the Redis queue is not available in this build; use --queue local")
+        return RedisQueue(settings, metrics, registry.names())  # the workers load the networks
     device = resolve_device(settings.device)
     for name in registry.names():  # load before taking traffic: ready means ready
         entry = registry.get(name)

@@ -17,8 +17,8 @@ class JobQueue(Protocol):
     async def submit(self, job: Job) -> JobResult:
         """Queue a job and wait for its result. Raises QueueFull, DeadlineExceeded or InferenceFailed."""
 
-    def ready(self) -> tuple[bool, str]:
-        """Whether jobs will be served now, and why not."""
+    async def ready(self, models: list[str]) -> tuple[bool, str]:
+        """Whether jobs for every one of ``models`` will be served now, and why not."""
 
-    def depth(self) -> int:
-        """Jobs waiting for a worker."""
+    async def observe(self) -> None:
+        """Refresh the queue gauges (depth, oldest job age, pending, ...) before a scrape."""

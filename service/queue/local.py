@@ -97,13 +97,13 @@ class LocalQueue:
             await asyncio.to_thread(self._thread.join, 10.0)
             self._thread = None
 
-    def ready(self) -> tuple[bool, str]:
+    async def ready(self, models: list[str]) -> tuple[bool, str]:
         if self._thread is None or not self._thread.is_alive():
             return False, "worker thread not running"
         return True, "ok"
 
-    def depth(self) -> int:
-        return self._queue.qsize()
+    async def observe(self) -> None:
+        self.metrics.queue_depth.labels("all").set(self._queue.qsize())
 
     async def submit(self, job: Job) -> JobResult:
         if self._queue.qsize() >= self.max_jobs:
@@ -111,7 +111,7 @@ class LocalQueue:
         loop = asyncio.get_running_loop()
         pending = _Pending(job, loop.create_future(), loop)
         self._queue.put(pending)
-        self.metrics.queue_depth.set(self._queue.qsize())
+        self.metrics.queue_depth.labels("all").set(self._queue.qsize())
         try:
             return await asyncio.wait_for(asyncio.shield(pending.future), timeout=max(0.0, job.deadline - time.time()))
         except TimeoutError as exc:
@@ -120,7 +120,7 @@ class LocalQueue:
     def _run(self) -> None:
         while not self._stop.is_set():
             batch = self._collector.next_batch(idle_timeout_s=0.1)
-            self.metrics.queue_depth.set(self._queue.qsize())
+            self.metrics.queue_depth.labels("all").set(self._queue.qsize())
             if batch:
                 self._process(batch)
 

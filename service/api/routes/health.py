@@ -18,13 +18,14 @@ async def live() -> dict[str, str]:
 
 @router.get("/health/ready")
 async def ready(request: Request, registry: RegistryDep) -> JSONResponse:
-    ok, why = request.app.state.queue.ready()
-    if not registry.names():
+    if registry.names():
+        ok, why = await request.app.state.queue.ready(registry.names())
+    else:
         ok, why = False, "no models loaded"
     return JSONResponse({"status": "ok" if ok else "unavailable", "detail": why, "models": registry.names()}, status_code=200 if ok else 503)
 
 
 @router.get("/metrics")
 async def metrics(request: Request, m: MetricsDep) -> Response:
-    m.queue_depth.set(request.app.state.queue.depth())
+    await request.app.state.queue.observe()
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,213 @@
+"""The Redis path end to end, against real redis-server processes: HTTP through the API to worker
+threads and worker processes, crash recovery, dead letters, deadlines and backpressure."""
+
+import asyncio
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+import torch
+
+from service.config import Settings
+from service.embedded import EmbeddedServer
+from service.queue.redis_protocol import GROUP, Keys, job_fields
+from service.registry import ModelRegistry
+from service.worker import Worker
+from tests.conftest import RedisProcess
+from tests.queue_backends import fake_heartbeat, make_job
+from tests.service_fixtures import grey, png, write_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+FAST = {"visibility_timeout_s": 2.0, "heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 2.0, "worker_block_ms": 50}
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    root = tmp_path_factory.mktemp("models")
+    write_tiny_model(root, "tiny")
+    return root
+
+
+def settings_for(model_dir, url, **overrides):
+    return Settings(model_dir=model_dir, queue="redis", redis_url=url, **{**FAST, **overrides})
+
+
+class WorkerThread:
+    def __init__(self, settings, name="thread-worker"):
+        self.worker = Worker(settings, ModelRegistry(settings.model_dir), torch.device("cpu"), name=name)
+        self.thread = threading.Thread(target=self.worker.run, daemon=True)
+
+    def __enter__(self):
+        self.thread.start()
+        return self.worker
+
+    def __exit__(self, *exc):
+        self.worker.stop()
+        self.thread.join(10)
+
+
+def wait_ready(url, timeout=30.0, expect=200):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == expect:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)  # polling interval
+    raise TimeoutError(f"/health/ready never answered {expect}")
+
+
+def post(url, data, **params):
+    return httpx.post(f"{url}/v1/models/tiny/samples", files={"image": ("x", data)}, params=params, timeout=60)
+
+
+def test_http_through_redis_to_a_worker_and_readiness_follows_the_worker(model_dir, redis_url):
+    settings = settings_for(model_dir, redis_url)
+    with EmbeddedServer(settings) as api:
+        r = httpx.get(f"{api.url}/health/ready")
+        assert r.status_code == 503 and "no live worker" in r.json()["detail"]
+        assert post(api.url, png(grey())).status_code == 503
+        with WorkerThread(settings):
+            wait_ready(api.url)
+            r = post(api.url, png(grey(30, 20)), k=3, seed=5)
+            assert r.status_code == 200, r.text
+            assert len(r.json()["masks"]) == 3 and r.json()["height"] == 30
+            metrics = httpx.get(f"{api.url}/metrics").text
+            assert 'carseg_workers_alive{model="tiny"} 1.0' in metrics
+            assert 'carseg_queue_depth{model="tiny"} 0.0' in metrics
+        wait_ready(api.url, expect=503)  # the worker withdrew its heartbeat on stop
+
+
+def test_deadline_and_backlog_map_to_504_and_503(model_dir, redis_url):
+    settings = settings_for(model_dir, redis_url, request_timeout_s=0.5, max_queued_jobs=1)
+    fake_heartbeat(redis_url, settings)
+    with EmbeddedServer(settings) as api:
+        async def main():
+            async with httpx.AsyncClient(timeout=30) as client:
+                first = asyncio.create_task(client.post(f"{api.url}/v1/models/tiny/samples", files={"image": ("x", png(grey()))}))
+                await asyncio.sleep(0.2)
+                second = await client.post(f"{api.url}/v1/models/tiny/samples", files={"image": ("x", png(grey()))})
+                return await first, second
+
+        first, second = asyncio.run(main())
+    assert first.status_code == 504 and first.json()["error"] == "deadline_exceeded"
+    assert second.status_code == 503 and second.json()["error"] == "queue_full" and second.headers["retry-after"]
+
+
+def test_worker_skips_expired_jobs(model_dir, redis_url):
+    settings = settings_for(model_dir, redis_url)
+    client = redis.Redis.from_url(redis_url)
+    job = make_job(timeout_s=-1.0)
+    client.xgroup_create(Keys("carseg").stream("tiny"), GROUP, id="0", mkstream=True)
+    client.xadd(Keys("carseg").stream("tiny"), job_fields(job))
+    counts = Worker(settings, ModelRegistry(model_dir), torch.device("cpu")).run(burst=True)
+    assert counts.expired == 1 and counts.answered == 0
+    assert client.xlen(Keys("carseg").stream("tiny")) == 0
+    assert client.blpop([Keys("carseg").result(job.id)], timeout=1)[1].startswith(b"E")
+
+
+def test_poison_job_goes_to_dead_letter_and_the_others_are_fine(model_dir, redis_url):
+    settings = settings_for(model_dir, redis_url, visibility_timeout_s=0.5, max_deliveries=2)
+    keys = Keys("carseg")
+    client = redis.Redis.from_url(redis_url)
+    with EmbeddedServer(settings) as api, WorkerThread(settings) as worker:
+        wait_ready(api.url)
+        poison = job_fields(make_job())
+        poison["id"], poison["shape"] = "poison", "1,99,99"  # the pixels do not fit the shape
+        client.xadd(keys.stream("tiny"), poison)
+        answers = [post(api.url, png(grey(seed=i)), k=2, seed=i) for i in range(4)]
+        reply = client.blpop([keys.result("poison")], timeout=15)
+    assert all(r.status_code == 200 for r in answers)
+    assert reply is not None and b"dead-lettered" in reply[1]
+    dead = client.xrange(keys.dead("tiny"))
+    assert len(dead) == 1 and dead[0][1][b"id"] == b"poison" and b"image" not in dead[0][1]
+    assert int(client.hget(keys.stats, "dead_letters")) == 1 and worker.counts.dead_lettered == 1
+    assert client.xlen(keys.stream("tiny")) == 0
+
+
+def test_redis_restart_while_idle_recovers(model_dir):
+    server = RedisProcess().start()
+    try:
+        settings = settings_for(model_dir, server.url)
+        with EmbeddedServer(settings) as api, WorkerThread(settings):
+            wait_ready(api.url)
+            assert post(api.url, png(grey()), k=1).status_code == 200
+            server.stop()
+            wait_ready(api.url, expect=503)
+            server.start()
+            wait_ready(api.url, timeout=30)
+            r = post(api.url, png(grey()), k=2)
+            assert r.status_code == 200, r.text
+    finally:
+        server.stop()
+
+
+def _worker_process(model_dir, url, name):
+    env = {**os.environ, "CARSEG_MODEL_DIR": str(model_dir), "CARSEG_REDIS_URL": url, "PYTHONPATH": str(REPO),
+           **{f"CARSEG_{k.upper()}": str(v) for k, v in FAST.items()}}
+    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--threads", "1", "--device", "cpu"], env=env, cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def test_kill_minus_9_of_a_worker_mid_batch_loses_no_request(model_dir, redis_url):
+    settings = settings_for(model_dir, redis_url, request_timeout_s=90)
+    keys = Keys("carseg")
+    client = redis.Redis.from_url(redis_url)
+    workers = [_worker_process(model_dir, redis_url, f"w{i}") for i in range(2)]
+    try:
+        with EmbeddedServer(settings) as api:
+            deadline = time.monotonic() + 60
+            while client.zcount(keys.heartbeats("tiny"), time.time() - 2, "+inf") < 2:
+                assert time.monotonic() < deadline, "workers did not start"
+                time.sleep(0.05)  # polling for both heartbeats
+            image = png(grey(384, 384))  # large enough that a batch takes a while
+            sent = 24
+            results = {}
+
+            async def load():
+                async with httpx.AsyncClient(timeout=120) as c:
+                    async def one(i):
+                        r = await c.post(f"{api.url}/v1/models/tiny/samples", files={"image": ("x", image)}, params={"k": 8, "seed": i})
+                        results[i] = r
+                    await asyncio.gather(*(one(i) for i in range(sent)))
+
+            loader = threading.Thread(target=lambda: asyncio.run(load()))
+            loader.start()
+            victim = None
+            deadline = time.monotonic() + 60
+            while victim is None and time.monotonic() < deadline:
+                for consumer in client.xinfo_consumers(keys.stream("tiny"), GROUP) if client.exists(keys.stream("tiny")) else []:
+                    if consumer["pending"] > 0:
+                        victim = consumer["name"].decode()
+                        break
+                time.sleep(0.01)  # polling for a worker holding jobs
+            assert victim is not None, "no worker took jobs"
+            pid = int(victim.split("-")[-2])
+            os.kill(pid, signal.SIGKILL)
+            loader.join(180)
+            pending_at_kill = [p for p in workers if p.pid == pid]
+            assert pending_at_kill, "the victim is one of our workers"
+    finally:
+        for p in workers:
+            if p.poll() is None:
+                p.terminate()
+            p.wait(10)
+    answered = [r for r in results.values() if r.status_code == 200]
+    failed = [r for r in results.values() if r.status_code != 200]
+    lost = sent - len(results)
+    print(f"\nkill -9 test: sent {sent}, answered {len(answered)}, failed {len(failed)}, lost {lost}, "
+          f"redeliveries {int(client.hget(keys.stats, 'redeliveries') or 0)}, duplicates {int(client.hget(keys.stats, 'duplicates') or 0)}")
+    assert lost == 0 and not failed, [r.text for r in failed][:3]
+    assert all(len(r.json()["masks"]) == 8 for r in answered)
+    assert int(client.hget(keys.stats, "redeliveries") or 0) >= 1
+    assert not client.keys("carseg:result:*")  # every answer was taken exactly once
+    masks = {i: r.json()["masks"] for i, r in results.items()}
+    assert len({tuple(m) for m in masks.values()}) == sent  # distinct seeds, distinct answers
