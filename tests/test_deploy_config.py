@@ -1,0 +1,125 @@
+"""What can be checked of docker/ and docker-compose.yml without a Docker engine: the compose file's
+services and mounts, Prometheus's config (promtool), the dashboard's PromQL against the metrics the
+service really exports, and a real Prometheus scraping a running service."""
+
+import json
+import re
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+import yaml
+
+from service.config import Settings
+from service.embedded import EmbeddedServer, free_port
+from service.metrics import Metrics
+from tests.service_fixtures import grey, png, write_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def _tool(name):
+    path = shutil.which(name)
+    if path is None:
+        pytest.fail(f"{name} is not installed; .ci/run installs it (Debian package prometheus)")
+    return path
+
+
+def test_compose_services_and_mounts():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    services = compose["services"]
+    assert {"redis", "api", "worker", "worker-cpu", "prometheus", "grafana"} <= set(services)
+    assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
+    gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
+    assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
+    assert services["worker-cpu"]["profiles"] == ["cpu"]
+    assert "redis" in services["api"]["command"]
+    for name, service in services.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), f"{name} mounts missing {source}"
+            else:
+                assert source in compose["volumes"], f"{name} uses undeclared volume {source}"
+        build = service.get("build")
+        if build:
+            dockerfile = (REPO / build["context"] / build["dockerfile"]).read_text()
+            assert f"AS {build['target']}" in dockerfile
+    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
+    assert dockerfile.count("USER carseg") == 2  # both targets run as non-root
+
+
+def test_prometheus_config_passes_promtool():
+    result = subprocess.run([_tool("promtool"), "check", "config", str(REPO / "docker/prometheus/prometheus.yml")],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_grafana_provisioning_points_at_the_dashboard_and_a_fixed_datasource_uid():
+    ds = yaml.safe_load((REPO / "docker/grafana/provisioning/datasources/prometheus.yml").read_text())["datasources"][0]
+    assert ds["uid"] == "carseg-prometheus" and ds["type"] == "prometheus"
+    dashboard = json.loads((REPO / "docker/grafana/dashboards/carseg.json").read_text())
+    for panel in dashboard["panels"]:
+        assert panel["datasource"]["uid"] == ds["uid"]
+        for target in panel["targets"]:
+            assert target["datasource"]["uid"] == ds["uid"]
+
+
+def _exported_metric_names():
+    names = set()
+    for family in Metrics().registry.collect():
+        kind = family.type
+        names.add(family.name + ("_total" if kind == "counter" else ""))
+        if kind == "histogram":
+            names |= {family.name + s for s in ("_bucket", "_count", "_sum")}
+    return names
+
+
+def test_every_dashboard_expression_names_exported_metrics():
+    exported = _exported_metric_names()
+    dashboard = json.loads((REPO / "docker/grafana/dashboards/carseg.json").read_text())
+    titles = {p["title"] for p in dashboard["panels"]}
+    assert any("p99" in t for t in titles) and any("Queue depth" in t for t in titles) and any("Batch size" in t for t in titles)
+    for panel in dashboard["panels"]:
+        for target in panel["targets"]:
+            used = set(re.findall(r"\bcarseg_[a-z_]+", target["expr"]))
+            assert used, f"{panel['title']}: no carseg metric in {target['expr']}"
+            assert used <= exported, f"{panel['title']}: {used - exported} not exported"
+
+
+def test_a_real_prometheus_scrapes_the_service_and_answers_a_latency_quantile(tmp_path):
+    binary = _tool("prometheus")
+    write_tiny_model(tmp_path / "models", "tiny")
+    with EmbeddedServer(Settings(model_dir=tmp_path / "models")) as api:
+        config = tmp_path / "prometheus.yml"
+        target = api.url.removeprefix("http://")
+        config.write_text(yaml.safe_dump({
+            "global": {"scrape_interval": "1s"},
+            "scrape_configs": [{"job_name": "carseg", "static_configs": [{"targets": [target]}]}],
+        }))
+        port = free_port()
+        prom = subprocess.Popen([binary, f"--config.file={config}", f"--storage.tsdb.path={tmp_path / 'tsdb'}",
+                                 f"--web.listen-address=127.0.0.1:{port}"], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            query = ('histogram_quantile(0.5, sum by (le) (rate(carseg_request_duration_seconds_bucket'
+                     '{route="/v1/models/{name}/samples"}[30s])))')
+            deadline = time.monotonic() + 60
+            value = None
+            while time.monotonic() < deadline and value is None:
+                httpx.post(f"{api.url}/v1/models/tiny/samples", files={"image": ("x", png(grey()))}, params={"k": 2})
+                try:
+                    result = httpx.get(f"http://127.0.0.1:{port}/api/v1/query", params={"query": query}, timeout=5).json()
+                    rows = result["data"]["result"]
+                    if rows and rows[0]["value"][1] not in ("NaN", "+Inf"):
+                        value = float(rows[0]["value"][1])
+                except (httpx.HTTPError, KeyError, ValueError):
+                    pass
+                time.sleep(0.5)  # the scrape interval is 1 s; poll, bounded by the deadline
+        finally:
+            prom.terminate()
+            prom.wait(10)
+    assert value is not None, "Prometheus never produced the quantile"
+    assert 0 < value < 120
