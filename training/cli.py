@@ -44,6 +44,7 @@ def _train(args: argparse.Namespace) -> None:
         seed=args.seed,
         device=str(resolve_device(args.device)),
         val_every_s=args.val_every,
+        f_warmup=args.f_warmup,
     )
     version = train(config)
     print(f"best version: {version}")  # noqa: T201 - CLI output
@@ -109,6 +110,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--val-every", type=float, default=120.0, help="seconds between validations")
+    p.add_argument("--f-warmup", type=float, default=0.3, help="share of the budget F trains alone before G starts")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a data set")
