@@ -13,7 +13,9 @@ class ImageJSON(BaseModel):
     seed: int | None = Field(None, description="noise seed; overrides the query parameter")
 
 
-class SampleResponse(BaseModel):
+class InferenceMeta(BaseModel):
+    """What every inference response says about how it was made."""
+
     model: str
     version: str
     k: int
@@ -21,17 +23,13 @@ class SampleResponse(BaseModel):
     height: int
     width: int
     classes: list[str]
+
+
+class SampleResponse(InferenceMeta):
     masks: list[str] = Field(description="k base64 PNGs, 8-bit, pixel = class index")
 
 
-class UncertaintyResponse(BaseModel):
-    model: str
-    version: str
-    k: int
-    seed: int
-    height: int
-    width: int
-    classes: list[str]
+class UncertaintyResponse(InferenceMeta):
     arrays: dict[str, str] = Field(
         description="base64 .npy files: probabilities (C,H,W) = p_F, aleatoric_entropy, sample_entropy, "
         "mutual_information, sample_variance (H,W); entropies in nats"

@@ -115,6 +115,7 @@ class LocalQueue:
         try:
             return await asyncio.wait_for(asyncio.shield(pending.future), timeout=max(0.0, job.deadline - time.time()))
         except TimeoutError as exc:
+            pending.future.cancel()  # tells the worker nobody waits for this job any more
             raise DeadlineExceeded(f"no result within the deadline ({job.deadline - job.enqueued:.1f} s)") from exc
 
     def _run(self) -> None:
@@ -128,11 +129,15 @@ class LocalQueue:
         now = time.time()
         live = []
         for item in batch:
-            if item.job.deadline <= now:
+            if item.future.cancelled():
+                self.metrics.jobs.labels("abandoned").inc()
+            elif item.job.deadline <= now:
                 self.metrics.jobs.labels("expired").inc()
                 item.resolve(error=DeadlineExceeded("the job expired in the queue"))
             else:
                 live.append(item)
+        if not live:
+            return
         by_id = {item.job.id: item for item in live}
         self.metrics.batch_jobs.observe(len(live))
         self.metrics.batch_samples.observe(sum(item.job.k for item in live))

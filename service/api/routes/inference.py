@@ -12,6 +12,7 @@ from service.api.body import OPENAPI_BODY, read_body
 from service.api.deps import MetricsDep, SegmenterDep
 from service.codecs.outputs import NPZ_MEDIA_TYPE, b64, heat_png, npy_bytes, npz_bytes, png_bytes, wants_npz
 from service.schemas import ErrorResponse, SampleResponse, UncertaintyResponse
+from service.segmentation import Segmentation, Segmenter
 
 router = APIRouter(prefix="/v1/models", tags=["inference"])
 
@@ -23,6 +24,12 @@ VersionQuery = Annotated[str | None, Query(description="pin a model version (def
 AcceptHeader = Annotated[str | None, Header()]
 
 
+async def _segment(request: Request, segmenter: Segmenter, name: str, version: str | None, k: int | None, seed: int | None) -> Segmentation:
+    """Read the body and run the domain call; parameters in a JSON body win over the query's."""
+    body = await read_body(request)
+    return await segmenter.segment(name, version, body.data, k if body.k is None else body.k, seed if body.seed is None else body.seed)
+
+
 @router.post(
     "/{name}/samples", response_model=SampleResponse, responses={**ERRORS, 200: {"content": {NPZ_MEDIA_TYPE: {}}}},
     openapi_extra=OPENAPI_BODY,
@@ -32,8 +39,7 @@ async def post_samples(
     k: KQuery = None, seed: SeedQuery = None, version: VersionQuery = None, accept: AcceptHeader = None,
 ) -> Response:
     """k sampled masks of an image (JSON with base64 PNGs, or an npz with masks, p_F and entropy)."""
-    body = await read_body(request)
-    seg = await segmenter.segment(name, version, body.data, body.k if body.k is not None else k, body.seed if body.seed is not None else seed)
+    seg = await _segment(request, segmenter, name, version, k, seed)
     started = time.perf_counter()
     result = seg.result
     if wants_npz(accept):
@@ -62,8 +68,7 @@ async def post_uncertainty(
     preview: Annotated[bool, Query(description="add a PNG heat map of sample_entropy")] = False,
 ) -> Response:
     """p_F and the uncertainty maps computed from k samples."""
-    body = await read_body(request)
-    seg = await segmenter.segment(name, version, body.data, body.k if body.k is not None else k, body.seed if body.seed is not None else seed)
+    seg = await _segment(request, segmenter, name, version, k, seed)
     started = time.perf_counter()
     result = seg.result
     arrays = {"probabilities": result.probabilities, **{m: getattr(result, m) for m in UNCERTAINTY_MAPS}}
