@@ -51,9 +51,13 @@ def _blob_radius(rng: np.random.Generator, size: int, cy: float, cx: float, radi
 
 
 def _lung_background(rng: np.random.Generator, size: int) -> np.ndarray:
-    img = 24 + 9 * _smooth_noise(rng, (size, size), 4) + 4 * rng.standard_normal((size, size))
+    """Parenchyma, vessels (lines and round cross-sections: the classic nodule look-alikes, never
+    annotated), and often a chest wall with ribs or a mediastinum-like mass, at the intensities of
+    the LIDC sample's JPEG crops (parenchyma ~15, vessels and nodules ~60-120, wall ~100-150)."""
+    yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    img = 14 + 6 * _smooth_noise(rng, (size, size), 4) + 4 * rng.standard_normal((size, size))
     vessels = np.zeros((size, size), np.float32)
-    for _ in range(rng.integers(3, 7)):
+    for _ in range(rng.integers(3, 8)):
         # a vessel is a random walk with momentum, drawn 1-3 px wide
         pos = rng.uniform(0, size, 2)
         angle = rng.uniform(0, 2 * np.pi)
@@ -65,15 +69,29 @@ def _lung_background(rng: np.random.Generator, size: int) -> np.ndarray:
             if 0 <= y < size and 0 <= x < size:
                 vessels[y, x] = width
     vessels = ndimage.gaussian_filter(ndimage.grey_dilation(vessels, size=2), 0.8)
-    img += 85 * np.clip(vessels / (vessels.max() + 1e-8) * 1.5, 0, 1)
-    if rng.random() < 0.4:
-        # chest wall: a bright band behind a smooth curved boundary on one side
-        yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
+    img += rng.uniform(60, 90) * np.clip(vessels / (vessels.max() + 1e-8) * 1.5, 0, 1)
+    for _ in range(rng.integers(1, 6)):  # vessel cross-sections: small, round, bright
+        cy, cx = rng.uniform(0, size, 2)
+        blob = np.hypot(yy - cy, xx - cx) < rng.uniform(1.2, 2.6)
+        img = np.where(blob, rng.uniform(70, 105), img)
+    if rng.random() < 0.6:
+        # chest wall: a bright band behind a smooth curved boundary on one side, with ribs
         side = rng.integers(4)
         coord = [xx, yy, size - 1 - xx, size - 1 - yy][side]
         other = [yy, xx, yy, xx][side]
-        edge = rng.uniform(6, 22) + 6 * np.sin(other / size * np.pi * rng.uniform(0.5, 2) + rng.uniform(0, 6))
-        img = np.where(coord < edge, 120 + 8 * _smooth_noise(rng, (size, size), 2), img)
+        edge = rng.uniform(6, 45) + 8 * np.sin(other / size * np.pi * rng.uniform(0.5, 2) + rng.uniform(0, 6))
+        wall = coord < edge
+        level = rng.uniform(100, 145)
+        img = np.where(wall, level + 8 * _smooth_noise(rng, (size, size), 2), img)
+        for _ in range(rng.integers(0, 3)):
+            depth = rng.uniform(2, 30)
+            rib = wall & (np.abs(coord - edge + depth + 3 * np.sin(other / rng.uniform(8, 20))) < rng.uniform(1.5, 3.5))
+            img = np.where(rib, rng.uniform(170, 215), img)
+    elif rng.random() < 0.4:
+        # mediastinum-like mass entering from a corner
+        cy, cx = rng.choice([-20.0, size + 20.0], 2)
+        mass = np.hypot(yy - cy, xx - cx) < rng.uniform(40, 70)
+        img = np.where(mass, rng.uniform(105, 150) + 6 * _smooth_noise(rng, (size, size), 3), img)
     return img
 
 
@@ -84,21 +102,21 @@ def halo_case(split: str, index: int, size: int = 128) -> Case:
     base = np.zeros((size, size), np.uint8)
     events: list[Event] = []
     if rng.random() < 2 / 3:
-        core_radius = rng.uniform(5, 13)
-        rim_width = rng.uniform(3, 6)
+        core_radius = rng.uniform(3.5, 10)
+        rim_width = rng.uniform(2.5, 4.5)
         rho = _blob_radius(rng, size, cy, cx, core_radius)
         core = rho < 1.0
         rim = (~core) & (rho < 1.0 + rim_width / core_radius)
         kind = "rim_bright" if rng.random() < 0.5 else "rim_faint"
-        rim_level = 95 if kind == "rim_bright" else 68
-        img = np.where(rim, rim_level + 6 * rng.standard_normal((size, size)), img)
-        img = np.where(core, 128 + 7 * rng.standard_normal((size, size)), img)
+        rim_level = 78 if kind == "rim_bright" else 52
+        img = np.where(rim, rim_level + 5 * rng.standard_normal((size, size)), img)
+        img = np.where(core, 108 + 6 * rng.standard_normal((size, size)), img)
         base[core] = 1
         events.append(Event(rim, kind, HALO_KINDS[kind], on_label=1, off_label=0))
     else:
-        rho = _blob_radius(rng, size, cy, cx, rng.uniform(6, 14))
+        rho = _blob_radius(rng, size, cy, cx, rng.uniform(4, 11))
         lesion = rho < 1.0
-        img = np.where(lesion, 72 + 6 * rng.standard_normal((size, size)), img)
+        img = np.where(lesion, 56 + 5 * rng.standard_normal((size, size)), img)
         events.append(Event(lesion, "faint_nodule", HALO_KINDS["faint_nodule"], on_label=1, off_label=0))
     img = ndimage.gaussian_filter(img, 0.7)
     image = np.clip(img, 0, 255).astype(np.uint8)[:, :, None]
