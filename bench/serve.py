@@ -4,8 +4,11 @@
 
 1. The raw sampler, in this process: single-image latency and batched throughput (images/s at the
    batch a full sample budget holds) for each k. This is the ceiling.
-2. The service (`carseg serve`, in-process queue) in a subprocess, driven over HTTP by closed-loop
-   clients at concurrency 1, 4, 16, 64 for each k: throughput and p50/p95/p99 latency.
+2. The service in subprocesses, driven over HTTP by closed-loop clients at concurrency 1, 4, 16,
+   64 for each k: throughput and p50/p95/p99 latency. Paths: ``local`` (`carseg serve`, in-process
+   queue), ``redis1`` / ``redis2`` (`carseg serve --queue redis` + 1 or 2 `carseg worker`
+   processes, against a redis-server the bench starts on a free port; the machine's threads are
+   split between the workers).
 Ratios are what to read (service / ceiling); absolute numbers move with the machine's load.
 """
 
@@ -58,10 +61,15 @@ def raw_sampler(model_dir: Path, image: np.ndarray, ks: list[int], budget: int, 
         while time.perf_counter() - t0 < seconds / 2 or images < 2 * batch:
             sample(model.calibration, model.refinement, xb, k, list(range(batch))).labels.cpu()
             images += batch
+        batched = images / (time.perf_counter() - t0)
+        single_rate = 1 / statistics.median(single)
+        # the ceiling is the better of one-at-a-time and batched: on a CPU, big batches are slower
         results[k] = {
             "single_p50_ms": 1000 * statistics.median(single),
+            "single_images_per_s": single_rate,
             "batch": batch,
-            "batched_images_per_s": images / (time.perf_counter() - t0),
+            "batched_images_per_s": batched,
+            "ceiling_images_per_s": max(single_rate, batched),
         }
     return results
 
@@ -97,22 +105,53 @@ async def closed_loop(url: str, data: bytes, k: int, concurrency: int, seconds: 
     }
 
 
-def start_server(model_dir: Path, port: int, device: str, env_extra: dict[str, str]) -> subprocess.Popen:
-    env = {**os.environ, **env_extra}
-    cmd = [sys.executable, "-m", "service.cli", "serve", "--model-dir", str(model_dir), "--port", str(port), "--device", device]
-    proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+def _spawn(args: list[str], env_extra: dict[str, str]) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(REPO), **env_extra}
+    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+
+def start_path(path: str, model_dir: Path, device: str, budget: int) -> tuple[str, list[subprocess.Popen]]:
+    """Start one service path; return its base URL and the processes to stop afterwards."""
+    port = free_port()
+    env = {"CARSEG_BATCH_MAX_SAMPLES": str(budget), "CARSEG_MODEL_DIR": str(model_dir), "CARSEG_DEVICE": device}
+    procs: list[subprocess.Popen] = []
+    if path == "local":
+        procs.append(_spawn(["serve", "--port", str(port)], env))
+    else:
+        workers = int(path.removeprefix("redis"))
+        redis_port = free_port()
+        procs.append(subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
+                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        env["CARSEG_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
+        threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else 1
+        procs.append(_spawn(["serve", "--port", str(port), "--queue", "redis"], env))
+        procs += [_spawn(["worker", "--threads", str(threads)], env) for _ in range(workers)]
+    url = f"http://127.0.0.1:{port}"
+    wait_ready(url, procs)
+    return url, procs
+
+
+def wait_ready(url: str, procs: list[subprocess.Popen]) -> None:
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited: {proc.stderr.read().decode()[-2000:]}")  # type: ignore[union-attr]
+        for proc in procs:
+            if proc.poll() is not None:
+                raise RuntimeError(f"a service process exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
         try:
-            if httpx.get(f"http://127.0.0.1:{port}/health/ready", timeout=1).status_code == 200:
-                return proc
+            if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
+                return
         except httpx.HTTPError:
             pass
         time.sleep(0.1)  # polling interval
-    proc.kill()
-    raise TimeoutError("server not ready in 120 s")
+    stop(procs)
+    raise TimeoutError("service not ready in 120 s")
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in reversed(procs):
+        proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=30)
 
 
 def main() -> None:
@@ -122,8 +161,9 @@ def main() -> None:
     parser.add_argument("--ks", default="1,16")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--seconds", type=float, default=6.0, help="per measured cell")
-    parser.add_argument("--budget", type=int, default=64, help="batch budget in samples (service and ceiling alike)")
+    parser.add_argument("--budget", type=int, default=16, help="batch budget in samples (service and ceiling alike)")
     parser.add_argument("--device", default="cpu")
+    parser.add_argument("--paths", default="local", help="comma-separated: local, redis1, redis2")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "serve.json"))
     args = parser.parse_args()
 
@@ -141,34 +181,37 @@ def main() -> None:
     model_path = Path(args.model_dir) / args.model
     ceiling = raw_sampler(model_path, case.image, ks, args.budget, args.seconds, args.device)
 
-    port = free_port()
-    proc = start_server(Path(args.model_dir), port, args.device, {"CARSEG_BATCH_MAX_SAMPLES": str(args.budget)})
-    url = f"http://127.0.0.1:{port}/v1/models/{args.model}/samples"
-    service: dict[int, dict[int, dict]] = {}
-    try:
-        asyncio.run(closed_loop(url, data, 1, 2, 1.0))  # warm-up
-        for k in ks:
-            service[k] = {c: asyncio.run(closed_loop(url, data, k, c, args.seconds)) for c in levels}
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    paths = args.paths.split(",")
+    service: dict[str, dict[int, dict[int, dict]]] = {}
+    for path in paths:
+        url, procs = start_path(path, Path(args.model_dir), args.device, args.budget)
+        endpoint = f"{url}/v1/models/{args.model}/samples"
+        try:
+            asyncio.run(closed_loop(endpoint, data, 1, 2, 1.0))  # warm-up
+            service[path] = {k: {c: asyncio.run(closed_loop(endpoint, data, k, c, args.seconds)) for c in levels} for k in ks}
+        finally:
+            stop(procs)
 
     print(f"\ncarseg serve bench: {args.model} on {args.device} ({platform.processor() or platform.machine()}, {os.cpu_count()} cpus), 128x128 LIDC crop")
-    print(f"{'k':>3} {'conc':>5} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
-    summary = {}
+    print(f"{'path':>7} {'k':>3} {'conc':>5} {'img/s':>8} {'p50 ms':>8} {'p95 ms':>8} {'p99 ms':>8} {'errors':>6}")
+    summary: dict[str, dict[int, dict]] = {}
     for k in ks:
         c = ceiling[k]
-        raw = f"{k:>3} {'raw':>5} {c['batched_images_per_s']:>8.2f} {c['single_p50_ms']:>8.1f}"
-        print(f"{raw} {'':>8} {'':>8} {'':>6}   (sampler: batch {c['batch']} throughput, single-image p50)")
-        for conc, r in service[k].items():
-            print(f"{k:>3} {conc:>5} {r['images_per_s']:>8.2f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['errors']:>6}")
-        best = max(r["images_per_s"] for r in service[k].values())
-        summary[k] = {
-            "saturation_throughput_ratio": best / c["batched_images_per_s"],
-            "c1_p50_overhead_ms": service[k][levels[0]]["p50_ms"] - c["single_p50_ms"],
-        }
-        print(f"    k={k}: service/ceiling throughput {summary[k]['saturation_throughput_ratio']:.3f}; "
-              f"p50 at concurrency {levels[0]} minus sampler single-image p50: {summary[k]['c1_p50_overhead_ms']:+.1f} ms")
+        raw = f"{'sampler':>7} {k:>3} {'-':>5} {c['ceiling_images_per_s']:>8.2f} {c['single_p50_ms']:>8.1f}"
+        print(f"{raw} {'':>8} {'':>8} {'':>6}   (ceiling: max of one-at-a-time {c['single_images_per_s']:.2f} and "
+              f"batch-{c['batch']} {c['batched_images_per_s']:.2f} img/s; single-image p50)")
+        for path in paths:
+            for conc, r in service[path][k].items():
+                print(f"{path:>7} {k:>3} {conc:>5} {r['images_per_s']:>8.2f} {r['p50_ms']:>8.1f} {r['p95_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['errors']:>6}")
+            best = max(r["images_per_s"] for r in service[path][k].values())
+            row = {
+                "saturation_throughput_ratio": best / c["ceiling_images_per_s"],
+                "c1_p50_overhead_ms": service[path][k][levels[0]]["p50_ms"] - c["single_p50_ms"],
+                "c1_p50_ms": service[path][k][levels[0]]["p50_ms"],
+            }
+            summary.setdefault(path, {})[k] = row
+            print(f"        {path} k={k}: service/ceiling throughput {row['saturation_throughput_ratio']:.3f}; "
+                  f"p50 at concurrency {levels[0]} minus sampler single-image p50: {row['c1_p50_overhead_ms']:+.1f} ms")
     out = {
         "device": args.device, "cuda": torch.cuda.get_device_name() if args.device.startswith("cuda") else None,
         "cpus": os.cpu_count(), "torch": torch.__version__, "model": args.model, "seconds_per_cell": args.seconds,

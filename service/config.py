@@ -30,8 +30,10 @@ class Settings(BaseSettings):
     default_k: int = Field(16, ge=1)
     request_timeout_s: float = Field(60.0, gt=0)
 
-    # dynamic batching: a batch closes at this many samples (sum of k) or after this delay
-    batch_max_samples: int = Field(64, ge=1)
+    # dynamic batching: a batch closes at this many samples (sum of k) or after this delay. 16 suits
+    # a CPU, where a batch of 64 samples ran slower than the same samples one image at a time
+    # (bench/serve.py); on a GPU raise it (docker-compose sets 256 for the GPU worker)
+    batch_max_samples: int = Field(16, ge=1)
     batch_max_delay_ms: float = Field(2.0, ge=0)
     max_queued_jobs: int = Field(512, ge=1)
     decode_batch: int = Field(64, ge=1)
