@@ -1,0 +1,63 @@
+"""The checkpoints in models/ that `carseg serve` loads with no arguments, end to end on real
+LIDC crops."""
+
+import json
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from service.config import REPO_MODELS, Settings
+from service.embedded import EmbeddedServer
+from tests.service_fixtures import decode_png
+from training.checkpoint import load_model
+from training.data import open_dataset
+from training.evaluate import sample_case
+
+
+@pytest.mark.parametrize("name,classes,channels", [("default", 2, 1), ("flips", 9, 3)])
+def test_bundled_model_loads_verified_and_is_small(name, classes, channels):
+    model = load_model(REPO_MODELS / name)
+    assert len(model.classes) == classes and model.in_channels == channels
+    size = sum(p.stat().st_size for p in model.path.iterdir())
+    assert size < 20 * 1024 * 1024
+    manifest = json.loads((model.path / "manifest.json").read_text())
+    assert manifest["training"]["step"] > 0 and "ged" in manifest["metrics"]["validation"]
+
+
+@pytest.mark.xfail(strict=True, reason="known gap: the synthetic-only default model misses real LIDC nodules "
+                   "(HM-IoU_16 0.05 on the 9 test crops); strict, so a model that closes the gap turns this red")
+def test_default_model_finds_the_nodule_on_real_lidc_crops(lidc_root):
+    model = load_model(REPO_MODELS / "default")
+    dataset = open_dataset("lidc-sample", "test")
+    ious = []
+    for index in range(len(dataset)):
+        case = dataset[index]
+        consensus = case.labels.mean(0) >= 0.5
+        if consensus.sum() < 10:
+            continue
+        out = sample_case(model, case, 8, index, torch.device("cpu"))
+        mean_fg = out.mean[0, 1].numpy() >= 0.5
+        ious.append((mean_fg & consensus).sum() / max((mean_fg | consensus).sum(), 1))
+    assert ious, "the LIDC sample has nodules that most graders marked"
+    # trained on synthetic crops only: plausible on real CT, not state of the art
+    assert np.mean(ious) > 0.3, ious
+
+
+def test_make_run_default_serves_a_lidc_crop_over_http(lidc_root):
+    image_path = sorted((lidc_root / "testing").glob("*/image_*.jpg"))[0]
+    with EmbeddedServer(Settings()) as api:
+        names = [m["name"] for m in httpx.get(f"{api.url}/v1/models").json()["models"]]
+        assert {"default", "flips"} <= set(names)
+        r = httpx.post(f"{api.url}/v1/models/default/samples", files={"image": (image_path.name, image_path.read_bytes())},
+                       params={"k": 16, "seed": 3}, timeout=60)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        masks = [decode_png(m) for m in body["masks"]]
+        assert body["classes"] == ["background", "nodule"] and len(masks) == 16
+        assert all(m.shape == np.asarray(Image.open(image_path)).shape for m in masks)
+        u = httpx.post(f"{api.url}/v1/models/default/uncertainty", files={"image": (image_path.name, image_path.read_bytes())},
+                       params={"k": 16, "seed": 3, "preview": "true"}, timeout=60)
+        assert u.status_code == 200 and u.json()["preview"]
