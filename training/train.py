@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +24,6 @@ from training.checkpoint import (
     LoadedModel,
     build_discriminator,
     load_verified,
-    read_manifest,
     save_model,
     save_tensors,
     version_folders,
@@ -216,8 +215,7 @@ def _load_state(folder: Path, nets: Nets) -> dict[str, Any]:
     for name in ("calibration", "refinement", "discriminator"):
         getattr(nets, name).load_state_dict(load_verified(folder, f"{name}.safetensors", manifest))
     for name in ("opt_f", "opt_g", "opt_d"):
-        tensors = load_verified(folder, f"{name}.safetensors", manifest) if (folder / f"{name}.safetensors").stat().st_size > 8 else {}
-        _restore_optimizer(getattr(nets, name), tensors, state["param_groups"][name])
+        _restore_optimizer(getattr(nets, name), load_verified(folder, f"{name}.safetensors", manifest), state["param_groups"][name])
     return state
 
 
@@ -316,9 +314,4 @@ def train(config: TrainConfig) -> Path:
     bar.close()
     if not (version_dir / "manifest.json").exists():
         raise CheckpointError(f"training ended before G trained long enough to validate; no version in {config.out}")
-    read_manifest(version_dir)
     return version_dir
-
-
-def resolve_config(config: TrainConfig, **overrides: Any) -> TrainConfig:
-    return replace(config, **{k: v for k, v in overrides.items() if v is not None})
