@@ -5,32 +5,14 @@ from __future__ import annotations
 
 import logging
 import threading
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 
 from service.errors import ModelNotFound
-from training.checkpoint import CheckpointError, LoadedModel, load_model, read_manifest, version_folders
+from training.checkpoint import CheckpointError, LoadedModel, ModelEntry, load_model, read_manifest, version_folders
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class ModelEntry:
-    name: str
-    version: str
-    path: Path
-    manifest: dict[str, Any]
-
-    @property
-    def classes(self) -> list[str]:
-        return list(self.manifest["classes"])
-
-    @property
-    def in_channels(self) -> int:
-        return int(self.manifest["in_channels"])
 
 
 class ModelRegistry:

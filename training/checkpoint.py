@@ -31,14 +31,14 @@ class CheckpointError(ValueError):
     """A checkpoint is missing, malformed or does not match its manifest."""
 
 
-@dataclass
-class LoadedModel:
+@dataclass(frozen=True)
+class ModelEntry:
+    """One version of a model as its manifest describes it; no weights loaded."""
+
     name: str
     version: str
     path: Path
     manifest: dict[str, Any]
-    calibration: CalibrationNet
-    refinement: RefinementNet
 
     @property
     def classes(self) -> list[str]:
@@ -51,6 +51,12 @@ class LoadedModel:
     @property
     def normalisation(self) -> Normalisation:
         return Normalisation(**self.manifest["normalisation"])
+
+
+@dataclass(frozen=True)
+class LoadedModel(ModelEntry):
+    calibration: CalibrationNet
+    refinement: RefinementNet
 
 
 def sha256_file(path: Path) -> str:
