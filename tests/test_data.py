@@ -37,11 +37,23 @@ def test_synthetic_is_reproducible_and_follows_its_truth(generator):
 
 def test_event_frequencies_match_their_probabilities():
     rng = np.random.default_rng(0)
-    case = SyntheticDataset("halo", "train", 5)[0]
+    case = next(c for c in SyntheticDataset("halo", "train", 20) if c.truth.events)
     event = case.truth.events[0]
     draws = case.truth.sample(rng, 4000)[:, event.region]
     assert (draws == draws[:, :1]).all()  # all pixels of an event together
     assert abs((draws[:, 0] == event.on_label).mean() - HALO_KINDS[event.kind]) < 0.03
+
+
+def test_halo_crops_are_centred_on_one_lesion_of_each_kind_in_turn():
+    from scipy import ndimage
+
+    seen = set()
+    for case in SyntheticDataset("halo", "test", 40):
+        lesion = (case.truth.base == 1) | np.any([e.region for e in case.truth.events] or [case.truth.base > 1], axis=0)
+        cy, cx = ndimage.center_of_mass(lesion)
+        assert abs(cy - 64) < 8 and abs(cx - 64) < 8, case.case_id  # LIDC crops are centred on the nodule
+        seen |= {e.kind for e in case.truth.events} | ({"solid"} if not case.truth.events else set())
+    assert seen == {"solid", *HALO_KINDS}
 
 
 def test_synthetic_image_shapes():

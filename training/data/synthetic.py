@@ -1,10 +1,11 @@
 """Synthetic data whose true label distribution is known, so calibration can be measured exactly.
 
 ``halo``  binary, LIDC-like: 128x128 grayscale crops of a lung-like texture (parenchyma, vessels,
-          sometimes chest wall) with one nodule near the centre. A solid nodule's core is always
-          annotated; its rim is annotated, all of it or none, with a probability set by how bright
-          the rim is (faint rim 0.3, bright rim 0.7). A faint nodule with no solid core is annotated
-          at all with probability 0.5 (the empty-mask readings LIDC graders give).
+          often soft tissue) centred on one nodule. A solid nodule's core is always annotated; a
+          rim, when it has one, is annotated, all of it or none, with a probability set by how
+          bright the rim is relative to the core (faint rim 0.3, bright rim 0.7). A faint nodule
+          with no solid core is annotated at all with probability 0.5 (the empty-mask readings
+          LIDC graders give).
 ``flips`` multi-class shapes on colour noise, 64x64 RGB: each shape class relabels, all pixels
           together, to a twin class with a known probability (the paper's Cityscapes protocol).
 
@@ -50,10 +51,12 @@ def _blob_radius(rng: np.random.Generator, size: int, cy: float, cx: float, radi
     return np.hypot(yy - cy, xx - cx) / (radius * wobble)
 
 
-def _lung_background(rng: np.random.Generator, size: int) -> np.ndarray:
+def _lung_background(rng: np.random.Generator, size: int, wall_side: int | None, wall_edge: float | None) -> np.ndarray:
     """Parenchyma, vessels (lines and round cross-sections: the classic nodule look-alikes, never
-    annotated), and often a chest wall with ribs or a mediastinum-like mass, at the intensities of
-    the LIDC sample's JPEG crops (parenchyma ~15, vessels and nodules ~60-120, wall ~100-150)."""
+    annotated), and often soft tissue (chest wall with ribs, or a mediastinum) at the intensities of
+    the LIDC sample's JPEG crops: parenchyma ~15, vessels ~60-110, soft tissue anywhere in 50-150
+    (the sample's crops come in more than one window). ``wall_side``/``wall_edge`` place a wall the
+    caller wants (a juxtapleural nodule); None draws one at random, or none."""
     yy, xx = np.mgrid[0:size, 0:size].astype(np.float32)
     img = 14 + 6 * _smooth_noise(rng, (size, size), 4) + 4 * rng.standard_normal((size, size))
     vessels = np.zeros((size, size), np.float32)
@@ -69,55 +72,68 @@ def _lung_background(rng: np.random.Generator, size: int) -> np.ndarray:
             if 0 <= y < size and 0 <= x < size:
                 vessels[y, x] = width
     vessels = ndimage.gaussian_filter(ndimage.grey_dilation(vessels, size=2), 0.8)
-    img += rng.uniform(60, 90) * np.clip(vessels / (vessels.max() + 1e-8) * 1.5, 0, 1)
-    for _ in range(rng.integers(1, 6)):  # vessel cross-sections: small, round, bright
+    img += rng.uniform(60, 95) * np.clip(vessels / (vessels.max() + 1e-8) * 1.5, 0, 1)
+    for _ in range(rng.integers(1, 6)):  # vessel cross-sections: round and bright, but smaller than any nodule
         cy, cx = rng.uniform(0, size, 2)
-        blob = np.hypot(yy - cy, xx - cx) < rng.uniform(1.2, 2.6)
+        blob = np.hypot(yy - cy, xx - cx) < rng.uniform(1.0, 2.0)
         img = np.where(blob, rng.uniform(70, 105), img)
-    if rng.random() < 0.6:
-        # chest wall: a bright band behind a smooth curved boundary on one side, with ribs
-        side = rng.integers(4)
-        coord = [xx, yy, size - 1 - xx, size - 1 - yy][side]
-        other = [yy, xx, yy, xx][side]
-        edge = rng.uniform(6, 45) + 8 * np.sin(other / size * np.pi * rng.uniform(0.5, 2) + rng.uniform(0, 6))
+    if wall_side is None and rng.random() < 0.6:
+        wall_side, wall_edge = int(rng.integers(4)), float(rng.uniform(6, 40))
+    if wall_side is not None and wall_edge is not None:
+        # a soft-tissue band behind a smooth curved boundary on one side, often with ribs
+        coord = [xx, yy, size - 1 - xx, size - 1 - yy][wall_side]
+        other = [yy, xx, yy, xx][wall_side]
+        edge = wall_edge + rng.uniform(2, 6) * np.sin(other / size * np.pi * rng.uniform(0.5, 2) + rng.uniform(0, 6))
         wall = coord < edge
-        level = rng.uniform(100, 145)
-        img = np.where(wall, level + 8 * _smooth_noise(rng, (size, size), 2), img)
+        level = rng.uniform(50, 150)
+        img = np.where(wall, level + 6 * _smooth_noise(rng, (size, size), 2), img)
         for _ in range(rng.integers(0, 3)):
-            depth = rng.uniform(2, 30)
+            depth = rng.uniform(4, 30)
             rib = wall & (np.abs(coord - edge + depth + 3 * np.sin(other / rng.uniform(8, 20))) < rng.uniform(1.5, 3.5))
             img = np.where(rib, rng.uniform(170, 215), img)
     elif rng.random() < 0.4:
         # mediastinum-like mass entering from a corner
         cy, cx = rng.choice([-20.0, size + 20.0], 2)
         mass = np.hypot(yy - cy, xx - cx) < rng.uniform(40, 70)
-        img = np.where(mass, rng.uniform(105, 150) + 6 * _smooth_noise(rng, (size, size), 3), img)
+        img = np.where(mass, rng.uniform(50, 150) + 6 * _smooth_noise(rng, (size, size), 3), img)
     return img
 
 
 def halo_case(split: str, index: int, size: int = 128) -> Case:
+    """One LIDC-like crop, centred on its lesion as LIDC crops are. A quarter each: a solid nodule
+    without rim (always annotated; a quarter of those touch the chest wall), a solid core with a
+    bright or a faint rim, and a faint nodule with no core."""
     rng = _rng("halo", split, index)
-    img = _lung_background(rng, size)
-    cy, cx = size / 2 + rng.uniform(-10, 10, 2)
+    cy, cx = size / 2 + rng.uniform(-6, 6, 2)
+    kind = ("solid", "rim_bright", "rim_faint", "faint_nodule")[int(rng.integers(4))]
+    radius = rng.uniform(3, 10) if kind != "faint_nodule" else rng.uniform(2.5, 8)
+    wall_side = wall_edge = None
+    if kind == "solid" and rng.random() < 0.25:
+        # juxtapleural: the wall's boundary runs through the nodule, which bulges into the lung
+        wall_side = int(rng.integers(4))
+        wall_edge = [cx, cy, size - 1 - cx, size - 1 - cy][wall_side] - radius * rng.uniform(0.2, 0.6)
+    img = _lung_background(rng, size, wall_side, wall_edge)
     base = np.zeros((size, size), np.uint8)
     events: list[Event] = []
-    if rng.random() < 2 / 3:
-        core_radius = rng.uniform(3.5, 10)
-        rim_width = rng.uniform(2.5, 4.5)
-        rho = _blob_radius(rng, size, cy, cx, core_radius)
-        core = rho < 1.0
-        rim = (~core) & (rho < 1.0 + rim_width / core_radius)
-        kind = "rim_bright" if rng.random() < 0.5 else "rim_faint"
-        rim_level = 78 if kind == "rim_bright" else 52
-        img = np.where(rim, rim_level + 5 * rng.standard_normal((size, size)), img)
-        img = np.where(core, 108 + 6 * rng.standard_normal((size, size)), img)
-        base[core] = 1
-        events.append(Event(rim, kind, HALO_KINDS[kind], on_label=1, off_label=0))
+    core_level = rng.uniform(60, 125)
+    lung = 14.0
+    if kind == "faint_nodule":
+        lesion = _blob_radius(rng, size, cy, cx, radius) < 1.0
+        img = np.where(lesion, rng.uniform(30, 48) + 4 * rng.standard_normal((size, size)), img)
+        events.append(Event(lesion, kind, HALO_KINDS[kind], on_label=1, off_label=0))
     else:
-        rho = _blob_radius(rng, size, cy, cx, rng.uniform(4, 11))
-        lesion = rho < 1.0
-        img = np.where(lesion, 56 + 5 * rng.standard_normal((size, size)), img)
-        events.append(Event(lesion, "faint_nodule", HALO_KINDS["faint_nodule"], on_label=1, off_label=0))
+        rho = _blob_radius(rng, size, cy, cx, radius)
+        core = rho < 1.0
+        if kind != "solid":
+            # the rim's brightness relative to the core (not its absolute level, which the window sets)
+            # says how likely a grader includes it
+            rim_width = rng.uniform(2.5, 4.5)
+            rim = (~core) & (rho < 1.0 + rim_width / radius)
+            share = 0.68 if kind == "rim_bright" else 0.40
+            img = np.where(rim, lung + share * (core_level - lung) + 4 * rng.standard_normal((size, size)), img)
+            events.append(Event(rim, kind, HALO_KINDS[kind], on_label=1, off_label=0))
+        img = np.where(core, core_level + 6 * rng.standard_normal((size, size)), img)
+        base[core] = 1
     img = ndimage.gaussian_filter(img, 0.7)
     image = np.clip(img, 0, 255).astype(np.uint8)[:, :, None]
     truth = KnownDistribution(base, tuple(events))
