@@ -27,8 +27,6 @@ def test_bundled_model_loads_verified_and_is_small(name, classes, channels):
     assert manifest["training"]["step"] > 0 and "ged" in manifest["metrics"]["validation"]
 
 
-@pytest.mark.xfail(strict=True, reason="known gap: the synthetic-only default model misses real LIDC nodules "
-                   "(HM-IoU_16 0.05 on the 9 test crops); strict, so a model that closes the gap turns this red")
 def test_default_model_finds_the_nodule_on_real_lidc_crops(lidc_root):
     model = load_model(REPO_MODELS / "default")
     dataset = open_dataset("lidc-sample", "test")
@@ -42,7 +40,8 @@ def test_default_model_finds_the_nodule_on_real_lidc_crops(lidc_root):
         mean_fg = out.mean[0, 1].numpy() >= 0.5
         ious.append((mean_fg & consensus).sum() / max((mean_fg | consensus).sum(), 1))
     assert ious, "the LIDC sample has nodules that most graders marked"
-    # trained on synthetic crops only: plausible on real CT, not state of the art
+    # trained on synthetic crops only: plausible on real CT, not state of the art (0.40 measured;
+    # the model before the halo generator had LIDC's centred nodules and mid-grey walls: 0.05)
     assert np.mean(ious) > 0.3, ious
 
 
