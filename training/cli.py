@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 from pathlib import Path
@@ -12,6 +13,10 @@ import torch
 from training.data import open_dataset
 from training.data.folder import SPLITS, write_case, write_classes
 from training.data.synthetic import GENERATORS, SyntheticDataset
+from training.train import TrainConfig, train
+
+# the CLI's training defaults are TrainConfig's, so the two cannot drift apart
+_TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
 log = logging.getLogger("carseg")
 
@@ -27,8 +32,6 @@ def resolve_device(name: str) -> torch.device:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from training.train import TrainConfig, train
-
     if args.threads:
         torch.set_num_threads(args.threads)
     config = TrainConfig(
@@ -102,15 +105,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--steps", type=int)
     budget.add_argument("--minutes", type=float)
     p.add_argument("--size", type=int, help="train on random square crops of this side")
-    p.add_argument("--lambda-cal", type=float, default=5.0, help="weight of L_cal (0 = the ablation)")
-    p.add_argument("--cal-forward-weight", type=float, default=1.0, help="weight of the forward KL inside L_cal")
-    p.add_argument("--samples", type=int, default=8, help="samples of G per input per step")
-    p.add_argument("--batch-size", type=int, default=8)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--lambda-cal", type=float, default=_TRAIN_DEFAULTS["lambda_cal"], help="weight of L_cal (0 = the ablation)")
+    p.add_argument("--cal-forward-weight", type=float, default=_TRAIN_DEFAULTS["cal_forward_weight"], help="weight of the forward KL inside L_cal")
+    p.add_argument("--samples", type=int, default=_TRAIN_DEFAULTS["samples"], help="samples of G per input per step")
+    p.add_argument("--batch-size", type=int, default=_TRAIN_DEFAULTS["batch_size"])
+    p.add_argument("--seed", type=int, default=_TRAIN_DEFAULTS["seed"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--val-every", type=float, default=120.0, help="seconds between validations")
-    p.add_argument("--f-warmup", type=float, default=0.3, help="share of the budget F trains alone before G starts")
+    p.add_argument("--val-every", type=float, default=_TRAIN_DEFAULTS["val_every_s"], help="seconds between validations")
+    p.add_argument("--f-warmup", type=float, default=_TRAIN_DEFAULTS["f_warmup"], help="share of the budget F trains alone before G starts")
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a data set")
