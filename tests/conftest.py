@@ -15,7 +15,7 @@ def lidc_root():
 
     root = default_root()
     if not root.is_dir():
-        pytest.fail(f"the LIDC sample is missing at {root}; it lives in shared/data beside the repository")
+        pytest.fail(f"the LIDC sample is missing at {root}; the repository ships it in data/lidc-sample")
     return root
 
 

@@ -1,4 +1,4 @@
-"""The LIDC sample in ``shared/data/lidc-sample``: ``{training,testing}/<case>/image_<n>.jpg`` and
+"""The LIDC sample the repository ships in ``data/lidc-sample``: ``{training,testing}/<case>/image_<n>.jpg`` and
 ``label0_.jpg``..``label3_.jpg`` (JPEG, so binarised with ``pixel > 127``; an all-black mask is a
 grader who marked no nodule). ``train`` reads ``training``; ``val`` and ``test`` both read
 ``testing`` (the sample is far too small to hold out a third part)."""
@@ -20,11 +20,11 @@ _SPLIT_DIRS = {"train": "training", "val": "testing", "test": "testing"}
 
 
 def default_root() -> Path:
-    """``$CARSEG_LIDC_SAMPLE``, else ``shared/data/lidc-sample`` beside the repository."""
+    """``$CARSEG_LIDC_SAMPLE``, else the copy in the repository's ``data/`` (a fresh clone has it)."""
     env = os.environ.get("CARSEG_LIDC_SAMPLE")
     if env:
         return Path(env)
-    return Path(__file__).resolve().parents[3] / "shared" / "data" / "lidc-sample"
+    return Path(__file__).resolve().parents[2] / "data" / "lidc-sample"
 
 
 @dataclass(frozen=True)
