@@ -32,10 +32,10 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from service.embedded import free_port  # noqa: E402
+from tests.embedded import free_port  # noqa: E402
 from training.checkpoint import load_model  # noqa: E402
 from training.data import open_dataset  # noqa: E402
-from training.sampling import sample  # noqa: E402
+from training.sampling import LABELS, sample  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -43,23 +43,27 @@ def percentile(values: list[float], q: float) -> float:
 
 
 def raw_sampler(model_dir: Path, image: np.ndarray, ks: list[int], budget: int, seconds: float, device: str) -> dict:
-    model = load_model(model_dir, device)
-    x = torch.from_numpy(model.normalisation.apply(image))[None].to(device)
+    networks = load_model(model_dir, device).networks
+    x = networks.prepare([image])
     results = {}
+
+    def run(batch: int, k: int, seed: int) -> None:
+        # what a /samples request needs: the masks, on the host
+        for out in sample(networks, x.expand(batch, -1, -1, -1), [k] * batch, range(seed, seed + batch), outputs=[LABELS]):
+            out[LABELS].cpu()
+
     for k in ks:
         batch = max(1, budget // k)
-        xb = x.expand(batch, -1, -1, -1).contiguous()
-        sample(model.calibration, model.refinement, xb, k, list(range(batch)))  # warm-up
+        run(batch, k, 0)  # warm-up
         single = []
         t_end = time.perf_counter() + seconds / 2
         while time.perf_counter() < t_end or len(single) < 5:
             t0 = time.perf_counter()
-            out = sample(model.calibration, model.refinement, x, k, [len(single)])
-            out.labels.cpu()
+            run(1, k, len(single))
             single.append(time.perf_counter() - t0)
         images, t0 = 0, time.perf_counter()
         while time.perf_counter() - t0 < seconds / 2 or images < 2 * batch:
-            sample(model.calibration, model.refinement, xb, k, list(range(batch))).labels.cpu()
+            run(batch, k, images)
             images += batch
         batched = images / (time.perf_counter() - t0)
         single_rate = 1 / statistics.median(single)
@@ -107,7 +111,7 @@ async def closed_loop(url: str, data: bytes, k: int, concurrency: int, seconds: 
 
 def _spawn(args: list[str], env_extra: dict[str, str]) -> subprocess.Popen:
     env = {**os.environ, "PYTHONPATH": str(REPO), **env_extra}
-    return subprocess.Popen([sys.executable, "-m", "service.cli", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    return subprocess.Popen([sys.executable, "-m", "carseg", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
 def start_path(path: str, model_dir: Path, device: str, budget: int) -> tuple[str, list[subprocess.Popen]]:

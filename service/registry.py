@@ -1,16 +1,13 @@
-"""The models the service serves: every ``MODEL_DIR/<name>/<version>/`` with a manifest. The
-API only reads manifests; networks are loaded (once, cached) where they run, in the worker."""
+"""The models the service serves: every ``MODEL_DIR/<name>/<version>/`` with a manifest. Manifests
+only, no torch: networks are loaded where they run, by the runner's ``ModelPool``."""
 
 from __future__ import annotations
 
 import logging
-import threading
 from pathlib import Path
 
-import torch
-
 from service.errors import ModelNotFound
-from training.checkpoint import CheckpointError, LoadedModel, ModelEntry, load_model, read_manifest, version_folders
+from training.manifest import CheckpointError, ModelEntry, read_manifest, version_folders
 
 log = logging.getLogger(__name__)
 
@@ -19,8 +16,6 @@ class ModelRegistry:
     def __init__(self, model_dir: Path) -> None:
         self.model_dir = model_dir
         self._entries: dict[str, dict[str, ModelEntry]] = {}
-        self._loaded: dict[tuple[str, str, str], LoadedModel] = {}
-        self._lock = threading.Lock()
         self.scan()
 
     def scan(self) -> None:
@@ -51,13 +46,3 @@ class ModelRegistry:
         if chosen not in self._entries[name]:
             raise ModelNotFound(f"model {name!r} has no version {chosen!r}; available: {versions}")
         return self._entries[name][chosen]
-
-    def load(self, name: str, version: str, device: torch.device) -> LoadedModel:
-        """The networks of one version on ``device``, loaded and hash-checked once."""
-        key = (name, version, str(device))
-        with self._lock:
-            if key not in self._loaded:
-                entry = self.get(name, version)
-                self._loaded[key] = load_model(entry.path, device)
-                log.info("loaded %s v%s on %s", name, version, device)
-            return self._loaded[key]

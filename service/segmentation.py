@@ -9,10 +9,10 @@ from dataclasses import dataclass
 from service.codecs.images import Limits, decode_image
 from service.config import Settings
 from service.errors import InvalidParameter
-from service.inference import Job, JobResult
+from service.jobs import Job, JobResult, Output
 from service.queue import JobQueue
-from service.registry import ModelEntry, ModelRegistry
-from training.sampling import Normalisation
+from service.registry import ModelRegistry
+from training.manifest import ModelEntry
 
 SEED_MAX = 2**63 - 1
 
@@ -36,14 +36,16 @@ class Segmenter:
             raise InvalidParameter(f"k must be between 1 and {self.settings.max_k}, got {k}")
         return k
 
-    async def segment(self, model: str, version: str | None, data: bytes, k: int | None, seed: int | None) -> Segmentation:
+    async def segment(
+        self, model: str, version: str | None, data: bytes, k: int | None, seed: int | None, outputs: frozenset[Output],
+    ) -> Segmentation:
+        """Decode and check the image, queue a job for ``outputs`` and wait for its result."""
         entry = self.registry.get(model, version)
         k = self.check_k(k)
         if seed is not None and not 0 <= seed <= SEED_MAX:
             raise InvalidParameter(f"seed must be between 0 and {SEED_MAX}, got {seed}")
         seed = secrets.randbelow(2**31) if seed is None else seed
-        array = decode_image(data, self.limits, entry.in_channels)
-        image = Normalisation(**entry.manifest["normalisation"]).apply(array)
-        job = Job(entry.name, entry.version, image, k, seed, deadline=time.time() + self.settings.request_timeout_s)
+        image = decode_image(data, self.limits, entry.in_channels)
+        job = Job(entry.name, entry.version, image, k, seed, deadline=time.time() + self.settings.request_timeout_s, outputs=outputs)
         result = await self.queue.submit(job)
         return Segmentation(entry, k, seed, result)

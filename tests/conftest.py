@@ -25,7 +25,7 @@ class RedisProcess:
     def __init__(self) -> None:
         import shutil
 
-        from service.embedded import free_port
+        from tests.embedded import free_port
 
         self.binary = shutil.which("redis-server")
         if self.binary is None:

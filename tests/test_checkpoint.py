@@ -3,7 +3,8 @@ import json
 import pytest
 import torch
 
-from training.checkpoint import CheckpointError, load_model, resolve, save_model
+from training.checkpoint import load_model, save_model
+from training.manifest import CheckpointError, resolve
 from training.networks import ArchitectureConfig, CalibrationNet, RefinementNet
 
 
@@ -26,11 +27,11 @@ def test_round_trip_restores_identical_weights(tmp_path):
     f, g = _save(tmp_path / "m" / "1")
     model = load_model(tmp_path / "m")
     assert model.version == "1" and model.classes == ["background", "nodule"]
-    for a, b in zip(f.state_dict().values(), model.calibration.state_dict().values(), strict=True):
+    for a, b in zip(f.state_dict().values(), model.networks.calibration.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    for a, b in zip(g.state_dict().values(), model.refinement.state_dict().values(), strict=True):
+    for a, b in zip(g.state_dict().values(), model.networks.refinement.state_dict().values(), strict=True):
         assert torch.equal(a, b)
-    assert not model.refinement.training  # loaded for inference
+    assert not model.networks.refinement.training  # loaded for inference
 
 
 def test_latest_version_and_pinned_version(tmp_path):

@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from service.errors import DeadlineExceeded, QueueFull
-from tests.queue_backends import make_job, open_backend
+from service.jobs import Output
+from tests.queue_backends import depth, make_job, open_backend, wait_until
 from tests.service_fixtures import write_tiny_model
 
 
@@ -25,17 +26,17 @@ def backend(request, model_dir):
     return lambda **kw: open_backend(request.param, model_dir, url, **kw)
 
 
-def test_results_have_the_shapes_asked_for(backend):
+def test_results_have_the_shapes_asked_for_and_only_the_outputs_asked_for(backend):
     async def main():
         async with backend() as (queue, _, _):
-            return await queue.submit(make_job(k=5, side=24))
+            return await queue.submit(make_job(k=5, side=24)), await queue.submit(make_job(k=3, outputs=frozenset({Output.LABELS})))
 
-    r = asyncio.run(main())
-    assert r.labels.shape == (5, 24, 24) and r.labels.dtype == np.uint8
-    assert r.probabilities.shape == (2, 24, 24) and r.probabilities.dtype == np.float32
-    for name in ("aleatoric_entropy", "sample_entropy", "mutual_information", "sample_variance"):
-        assert getattr(r, name).shape == (24, 24)
-    assert r.compute_s > 0
+    full, masks_only = asyncio.run(main())
+    assert full[Output.LABELS].shape == (5, 24, 24) and full[Output.LABELS].dtype == np.uint8
+    assert full[Output.P_F].shape == (2, 24, 24) and full[Output.P_F].dtype == np.float32
+    for name in (Output.ALEATORIC_ENTROPY, Output.SAMPLE_ENTROPY, Output.MUTUAL_INFORMATION, Output.SAMPLE_VARIANCE):
+        assert full[name].shape == (24, 24) and full[name].dtype == np.float32
+    assert set(masks_only.arrays) == {Output.LABELS} and masks_only[Output.LABELS].shape == (3, 16, 16)
 
 
 def test_same_seed_same_result_alone_and_among_concurrent_jobs(backend):
@@ -47,9 +48,9 @@ def test_same_seed_same_result_alone_and_among_concurrent_jobs(backend):
             return alone, crowd
 
     alone, crowd = asyncio.run(main())
-    assert np.array_equal(alone.labels, crowd[-1].labels)
-    assert np.allclose(alone.sample_entropy, crowd[-1].sample_entropy, atol=1e-5)
-    assert [r.labels.shape[0] for r in crowd[:-1]] == [1 + i % 5 for i in range(12)]
+    assert np.array_equal(alone[Output.LABELS], crowd[-1][Output.LABELS])
+    assert np.allclose(alone[Output.SAMPLE_ENTROPY], crowd[-1][Output.SAMPLE_ENTROPY], atol=1e-5)
+    assert [r[Output.LABELS].shape[0] for r in crowd[:-1]] == [1 + i % 5 for i in range(12)]
 
 
 def test_many_concurrent_jobs_are_all_answered(backend):
@@ -58,7 +59,7 @@ def test_many_concurrent_jobs_are_all_answered(backend):
             return await asyncio.gather(*(queue.submit(make_job(k=2, seed=i, image_seed=i)) for i in range(24)))
 
     results = asyncio.run(main())
-    assert len(results) == 24 and all(r.labels.shape == (2, 16, 16) for r in results)
+    assert len(results) == 24 and all(r[Output.LABELS].shape == (2, 16, 16) for r in results)
 
 
 def test_deadline_without_a_consumer_is_a_timeout(backend):
@@ -74,9 +75,13 @@ def test_deadline_without_a_consumer_is_a_timeout(backend):
 
 def test_full_backlog_is_refused(backend):
     async def main():
-        async with backend(consumer=False, max_queued_jobs=2) as (queue, _, _):
+        async with backend(consumer=False, max_queued_jobs=2) as (queue, _, metrics):
             waiting = [asyncio.create_task(queue.submit(make_job(timeout_s=1.0))) for _ in range(2)]
-            await asyncio.sleep(0.2)  # let both reach the queue
+
+            async def both_queued() -> bool:
+                return await depth(queue, metrics) == 2
+
+            await wait_until(both_queued)
             with pytest.raises(QueueFull):
                 await queue.submit(make_job(timeout_s=1.0))
             for task in waiting:
@@ -84,3 +89,4 @@ def test_full_backlog_is_refused(backend):
                     await task
 
     asyncio.run(main())
+

@@ -4,11 +4,8 @@ threads and worker processes, crash recovery, dead letters, deadlines and backpr
 import asyncio
 import os
 import signal
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -16,15 +13,14 @@ import redis
 import torch
 
 from service.config import Settings
-from service.embedded import EmbeddedServer
 from service.queue.redis_protocol import GROUP, Keys, job_fields
 from service.registry import ModelRegistry
 from service.worker import Worker
 from tests.conftest import RedisProcess
-from tests.queue_backends import fake_heartbeat, make_job
+from tests.embedded import EmbeddedServer, wait_ready
+from tests.queue_backends import fake_heartbeat, make_job, worker_process
 from tests.service_fixtures import grey, png, write_tiny_model
 
-REPO = Path(__file__).resolve().parents[1]
 FAST = {"visibility_timeout_s": 2.0, "heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 2.0, "worker_block_ms": 50}
 
 
@@ -53,18 +49,6 @@ class WorkerThread:
         self.thread.join(10)
 
 
-def wait_ready(url, timeout=30.0, expect=200):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(f"{url}/health/ready", timeout=2).status_code == expect:
-                return
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.05)  # polling interval
-    raise TimeoutError(f"/health/ready never answered {expect}")
-
-
 def post(url, data, **params):
     return httpx.post(f"{url}/v1/models/tiny/samples", files={"image": ("x", data)}, params=params, timeout=60)
 
@@ -90,10 +74,14 @@ def test_deadline_and_backlog_map_to_504_and_503(model_dir, redis_url):
     settings = settings_for(model_dir, redis_url, request_timeout_s=0.5, max_queued_jobs=1)
     fake_heartbeat(redis_url, settings)
     with EmbeddedServer(settings) as api:
+        stream = redis.Redis.from_url(redis_url)
+
         async def main():
             async with httpx.AsyncClient(timeout=30) as client:
                 first = asyncio.create_task(client.post(f"{api.url}/v1/models/tiny/samples", files={"image": ("x", png(grey()))}))
-                await asyncio.sleep(0.2)
+                while stream.xlen(Keys("carseg").stream("tiny")) < 1:  # polling: the first job is on the stream
+                    assert not first.done(), (await first).text
+                    await asyncio.sleep(0.01)
                 second = await client.post(f"{api.url}/v1/models/tiny/samples", files={"image": ("x", png(grey()))})
                 return await first, second
 
@@ -109,7 +97,7 @@ def test_worker_skips_expired_jobs(model_dir, redis_url):
     client.xgroup_create(Keys("carseg").stream("tiny"), GROUP, id="0", mkstream=True)
     client.xadd(Keys("carseg").stream("tiny"), job_fields(job))
     counts = Worker(settings, ModelRegistry(model_dir), torch.device("cpu")).run(burst=True)
-    assert counts.expired == 1 and counts.answered == 0
+    assert counts["expired"] == 1 and counts["done"] == 0
     assert client.xlen(Keys("carseg").stream("tiny")) == 0
     assert client.blpop([Keys("carseg").result(job.id)], timeout=1)[1].startswith(b"E")
 
@@ -129,7 +117,7 @@ def test_poison_job_goes_to_dead_letter_and_the_others_are_fine(model_dir, redis
     assert reply is not None and b"dead-lettered" in reply[1]
     dead = client.xrange(keys.dead("tiny"))
     assert len(dead) == 1 and dead[0][1][b"id"] == b"poison" and b"image" not in dead[0][1]
-    assert int(client.hget(keys.stats, "dead_letters")) == 1 and worker.counts.dead_lettered == 1
+    assert int(client.hget(keys.stats, "dead_letters")) == 1 and worker.counts["dead_lettered"] == 1
     assert client.xlen(keys.stream("tiny")) == 0
 
 
@@ -150,18 +138,11 @@ def test_redis_restart_while_idle_recovers(model_dir):
         server.stop()
 
 
-def _worker_process(model_dir, url, name):
-    env = {**os.environ, "CARSEG_MODEL_DIR": str(model_dir), "CARSEG_REDIS_URL": url, "PYTHONPATH": str(REPO),
-           **{f"CARSEG_{k.upper()}": str(v) for k, v in FAST.items()}}
-    return subprocess.Popen([sys.executable, "-m", "service.cli", "worker", "--threads", "1", "--device", "cpu"], env=env, cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
-def test_kill_minus_9_of_a_worker_mid_batch_loses_no_request(model_dir, redis_url):
+def test_kill_minus_9_of_a_worker_mid_batch_loses_no_request(model_dir, redis_url, tmp_path):
     settings = settings_for(model_dir, redis_url, request_timeout_s=90)
     keys = Keys("carseg")
     client = redis.Redis.from_url(redis_url)
-    workers = [_worker_process(model_dir, redis_url, f"w{i}") for i in range(2)]
+    workers = [worker_process(model_dir, redis_url, tmp_path / f"w{i}.log", **FAST) for i in range(2)]
     try:
         with EmbeddedServer(settings) as api:
             deadline = time.monotonic() + 60

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from service.config import Settings
-from service.embedded import EmbeddedServer
+from tests.embedded import EmbeddedServer
 from tests.service_fixtures import b64, decode_png, grey, npy, png, write_tiny_model
 
 
@@ -82,15 +82,21 @@ def test_uncertainty_json_with_preview_and_npz(server):
     assert arrays["probabilities"].shape == (2, 20, 28)
     for key in ("aleatoric_entropy", "sample_entropy", "mutual_information", "sample_variance"):
         assert arrays[key].shape == (20, 28) and arrays[key].dtype == np.float32
-        assert (arrays[key] >= 0).all()
-    assert (arrays["aleatoric_entropy"] <= np.log(2) + 1e-5).all()
+    p_f = arrays["probabilities"]
+    assert np.allclose(arrays["aleatoric_entropy"], -(p_f * np.log(p_f + 1e-12)).sum(0), atol=1e-5)
+    # MI = H(mean) - mean H(sample) and H >= 0: MI can never exceed the sample entropy
+    assert (arrays["mutual_information"] <= arrays["sample_entropy"] + 1e-6).all()
     assert decode_png(body["preview"]).shape == (20, 28, 3)
-    npz = httpx.post(
-        f"{server.url}/v1/models/tiny/uncertainty", files={"image": ("x", png(grey(20, 28)))}, params={"k": 6, "seed": 1},
-        headers={"Accept": "application/x-npz"}, timeout=30,
-    )
-    z = np.load(io.BytesIO(npz.content))
+
+    def npz(route):
+        r = httpx.post(f"{server.url}/v1/models/tiny/{route}", files={"image": ("x", png(grey(20, 28)))}, params={"k": 6, "seed": 1},
+                       headers={"Accept": "application/x-npz"}, timeout=30)
+        return np.load(io.BytesIO(r.content))
+
+    z = npz("uncertainty")
     assert np.array_equal(z["sample_entropy"], arrays["sample_entropy"])
+    samples = npz("samples")  # the same image and seed through the other route: the same p_F and H(p_F)
+    assert np.array_equal(samples["probabilities"], p_f) and np.array_equal(samples["entropy"], arrays["aleatoric_entropy"])
 
 
 def test_sixteen_bit_png_and_npy_inputs(server):

@@ -4,9 +4,10 @@ import numpy as np
 import pytest
 
 from training.checkpoint import load_model
+from training.config import TrainConfig
 from training.data import open_dataset
 from training.evaluate import evaluate
-from training.train import STATE_DIR, TrainConfig, train
+from training.train import STATE_DIR, train
 
 TINY = {
     "calibration": {"in_channels": 3, "num_classes": 9, "widths": [8, 16]},
@@ -33,7 +34,7 @@ def test_a_few_steps_write_a_checkpoint_that_loads_and_samples(tmp_path):
     assert "ged" in manifest["metrics"]["validation"]
     history = [json.loads(line) for line in (out / STATE_DIR / "history.jsonl").read_text().splitlines()]
     assert history[-1]["step"] == 4
-    result = evaluate(model, open_dataset("synthetic:flips", "test", length=2), n_samples=3)
+    result = evaluate(model.networks, open_dataset("synthetic:flips", "test", length=2), n_samples=3)
     for key in ("ged", "hm_iou", "diversity", "ece", "oracle_ged", "calibration_error", "coherence"):
         assert np.isfinite(result.summary[key]), key
 
@@ -55,7 +56,7 @@ def test_resume_refuses_other_data(tmp_path):
     train(_config(out, 2))
     from dataclasses import replace
 
-    from training.checkpoint import CheckpointError
+    from training.manifest import CheckpointError
 
     with pytest.raises(CheckpointError, match="was trained on"):
         train(replace(_config(out, 3), data="synthetic:halo"))

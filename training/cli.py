@@ -1,39 +1,42 @@
-"""``carseg train``, ``carseg evaluate`` and ``carseg data synth``: the training side of the CLI."""
+"""``carseg train``, ``carseg evaluate`` and ``carseg data synth``: the training side of the CLI.
+Registering the commands imports no torch (``carseg serve --queue redis`` must not load it); each
+command imports what it runs."""
 
 from __future__ import annotations
 
 import argparse
 import dataclasses
 import json
-import logging
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
-
-from training.data import open_dataset
-from training.data.folder import SPLITS, write_case, write_classes
-from training.data.synthetic import GENERATORS, SyntheticDataset
-from training.train import TrainConfig, train
+from training.config import TrainConfig
+from training.data.folder import SPLITS
 
 # the CLI's training defaults are TrainConfig's, so the two cannot drift apart
 _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 
-log = logging.getLogger("carseg")
+if TYPE_CHECKING:
+    import torch
 
 
-def resolve_device(name: str) -> torch.device:
-    """``auto`` picks CUDA when present, else the CPU."""
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine")
-    return device
+def _device(name: str, threads: int | None = None) -> torch.device:
+    import torch
+
+    from training.sampling import use_device
+
+    if threads:
+        torch.set_num_threads(threads)
+    try:
+        return use_device(name)
+    except ValueError as exc:
+        raise SystemExit(f"--device: {exc}") from exc
 
 
 def _train(args: argparse.Namespace) -> None:
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from training.train import train
+
+    device = _device(args.device, args.threads)
     config = TrainConfig(
         data=args.data,
         out=Path(args.out),
@@ -45,7 +48,7 @@ def _train(args: argparse.Namespace) -> None:
         samples=args.samples,
         batch_size=args.batch_size,
         seed=args.seed,
-        device=str(resolve_device(args.device)),
+        device=str(device),
         val_every_s=args.val_every,
         f_warmup=args.f_warmup,
     )
@@ -55,15 +58,15 @@ def _train(args: argparse.Namespace) -> None:
 
 def _evaluate(args: argparse.Namespace) -> None:
     from training.checkpoint import load_model
+    from training.data import open_dataset
     from training.evaluate import evaluate, sample_case
-    from training.figure import case_row, save_figure
+    from training.figure import FIGURE_OUTPUTS, case_row, save_figure
 
-    device = resolve_device(args.device)
-    model = load_model(Path(args.checkpoint), device)
+    model = load_model(Path(args.checkpoint), _device(args.device))
     dataset = open_dataset(args.data, args.split, length=args.cases)
     if list(dataset.classes) != model.classes:
         raise SystemExit(f"data classes {list(dataset.classes)} differ from the model's {model.classes}")
-    result = evaluate(model, dataset, n_samples=args.samples, device=device)
+    result = evaluate(model.networks, dataset, n_samples=args.samples)
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.summary.items()]
     width = max(len(k) for k, _ in rows)
     print(f"{model.name} v{model.version} on {args.data} [{args.split}]")  # noqa: T201
@@ -77,7 +80,8 @@ def _evaluate(args: argparse.Namespace) -> None:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.figure:
         picks = range(min(args.figure_cases, len(dataset)))
-        save_figure([case_row(dataset[i], sample_case(model, dataset[i], args.samples, i, device)) for i in picks], Path(args.figure))
+        rows = [case_row(dataset[i], sample_case(model.networks, dataset[i], args.samples, i, FIGURE_OUTPUTS)) for i in picks]
+        save_figure(rows, Path(args.figure))
     if args.record:
         manifest_path = model.path / "manifest.json"
         manifest = json.loads(manifest_path.read_text())
@@ -86,12 +90,18 @@ def _evaluate(args: argparse.Namespace) -> None:
 
 
 def _synth(args: argparse.Namespace) -> None:
+    from training.data import DatasetError, open_dataset
+    from training.data.folder import write_case, write_classes
+
     out = Path(args.out)
     counts = {"train": args.train, "val": args.val, "test": args.test}
-    first = SyntheticDataset(args.generator, "train", 1)
+    try:
+        first = open_dataset(f"synthetic:{args.generator}", "train", 1)
+    except DatasetError as exc:
+        raise SystemExit(str(exc)) from exc
     write_classes(out, first.classes)
     for split in SPLITS:
-        dataset = SyntheticDataset(args.generator, split, counts[split])
+        dataset = open_dataset(f"synthetic:{args.generator}", split, counts[split])
         for index in range(len(dataset)):
             write_case(out / split, dataset[index])
     print(f"wrote {sum(counts.values())} cases to {out}")  # noqa: T201
@@ -132,7 +142,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("data", help="data utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)
     s = data_sub.add_parser("synth", help="write a synthetic data set in the folder format")
-    s.add_argument("generator", choices=GENERATORS)
+    s.add_argument("generator", help="a synthetic generator, as in --data synthetic:NAME")
     s.add_argument("out")
     s.add_argument("--train", type=int, default=1000)
     s.add_argument("--val", type=int, default=48)

@@ -11,9 +11,8 @@ import numpy as np
 import torch
 
 from training import metrics
-from training.checkpoint import LoadedModel
 from training.data import Case, Dataset
-from training.sampling import Normalisation, SampleOutput, sample
+from training.sampling import LABELS, P_F, Networks, sample
 
 
 @dataclass
@@ -22,10 +21,9 @@ class Evaluation:
     per_kind: dict[str, dict[str, float]] = field(default_factory=dict)
 
 
-def sample_case(model: LoadedModel, case: Case, k: int, seed: int, device: torch.device | str) -> SampleOutput:
-    norm = model.normalisation if model.manifest else Normalisation()
-    image = torch.from_numpy(norm.apply(case.image))[None].to(device)
-    return sample(model.calibration, model.refinement, image, k, [seed])
+def sample_case(networks: Networks, case: Case, k: int, seed: int, outputs: tuple[str, ...] = (LABELS, P_F)) -> dict[str, torch.Tensor]:
+    """The ``outputs`` of k samples of one case (names in ``training.sampling.OUTPUTS``)."""
+    return sample(networks, networks.prepare([case.image]), [k], [seed], outputs)[0]
 
 
 def _independent_samples(p_f: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
@@ -35,7 +33,7 @@ def _independent_samples(p_f: np.ndarray, k: int, rng: np.random.Generator) -> n
     return (u > cdf[None]).sum(axis=1).clip(max=p_f.shape[0] - 1)
 
 
-def evaluate(model: LoadedModel, dataset: Dataset, n_samples: int = 16, device: torch.device | str = "cpu", seed: int = 0) -> Evaluation:
+def evaluate(networks: Networks, dataset: Dataset, n_samples: int = 16, seed: int = 0) -> Evaluation:
     num_classes = len(dataset.classes)
     classes = metrics.foreground_classes(num_classes)
     rng = np.random.default_rng(seed)
@@ -44,9 +42,9 @@ def evaluate(model: LoadedModel, dataset: Dataset, n_samples: int = 16, device: 
     records, records_indep, coherence, coherence_indep = [], [], [], []
     for index in range(len(dataset)):
         case = dataset[index]
-        out = sample_case(model, case, n_samples, seed + index, device)
-        samples = out.labels[0].cpu().numpy()  # (n, H, W)
-        p_f = out.p_f[0].cpu().numpy()  # (C, H, W)
+        out = sample_case(networks, case, n_samples, seed + index)
+        samples = out[LABELS].cpu().numpy()  # (n, H, W)
+        p_f = out[P_F].cpu().numpy()  # (C, H, W)
         geds.append(metrics.ged(samples, case.labels, classes))
         hms.append(metrics.hm_iou(samples, case.labels, classes))
         divs.append(metrics.diversity(samples, classes))

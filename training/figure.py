@@ -7,9 +7,13 @@ from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageDraw
+from torch import Tensor
 
 from training.data import Case
-from training.sampling import SampleOutput
+from training.sampling import ALEATORIC_ENTROPY, LABELS, MUTUAL_INFORMATION, P_F, SAMPLE_ENTROPY
+
+# what a figure row shows of a case's samples: pass these to training.evaluate.sample_case
+FIGURE_OUTPUTS = (LABELS, P_F, ALEATORIC_ENTROPY, SAMPLE_ENTROPY, MUTUAL_INFORMATION)
 
 _PALETTE = np.array(
     [[0, 0, 0], [255, 255, 255], [230, 25, 75], [60, 180, 75], [255, 225, 25], [0, 130, 200], [245, 130, 48],
@@ -35,13 +39,12 @@ def _grey(image: np.ndarray) -> np.ndarray:
     return (np.clip(rgb, 0, 1) * 255).astype(np.uint8)
 
 
-def case_row(case: Case, out: SampleOutput, max_samples: int = 6) -> tuple[list[np.ndarray], list[str]]:
-    samples = out.labels[0].cpu().numpy()
-    num_classes = out.p_f.shape[1]
-    log_c = float(np.log(num_classes))
+def case_row(case: Case, out: dict[str, Tensor], max_samples: int = 6) -> tuple[list[np.ndarray], list[str]]:
+    """One row: the image, the graders, samples and three uncertainty maps; ``out`` holds ``FIGURE_OUTPUTS``."""
+    samples = out[LABELS].cpu().numpy()
+    log_c = float(np.log(out[P_F].shape[0]))
     tiles = [_grey(case.image)] + [colourise(a) for a in case.labels] + [colourise(s) for s in samples[:max_samples]]
-    tiles += [heat(out.aleatoric_entropy[0].cpu().numpy(), log_c), heat(out.sample_entropy[0].cpu().numpy(), log_c),
-              heat(out.mutual_information[0].cpu().numpy(), log_c)]
+    tiles += [heat(out[name].cpu().numpy(), log_c) for name in (ALEATORIC_ENTROPY, SAMPLE_ENTROPY, MUTUAL_INFORMATION)]
     names = ["image"] + [f"grader {a}" for a in range(len(case.labels))] + [f"sample {i}" for i in range(min(max_samples, len(samples)))]
     names += ["H(p_F)", "H(mean)", "MI"]
     return tiles, names

@@ -1,12 +1,20 @@
-"""The sampler: the one function the service calls. F and G's encoder run once per image, G's
-decoder once per sample; every uncertainty map comes from the same tensors.
+"""The sampler: the one function that runs F and G for inference, for the service and for
+evaluation alike. F and G's encoder run once per image, G's decoder once per sample.
 
-Each image's noise comes from its own ``torch.Generator`` seeded by that image's seed and drawn on
-the CPU, so (image, seed, k) gives the same samples alone, in any batch and on any device.
+Each image asks for its own k and seed. Its noise comes from its own ``torch.Generator`` seeded by
+that seed and drawn on the CPU, row by row, so (image, seed, k) gives the same samples alone, in
+any batch and on any device, and the first k samples of a seed are the same whatever k is asked for.
+
+Only the outputs asked for are computed, and no soft sample is kept: each decoded chunk is folded
+into per-image running sums (of the soft samples, their squares and their entropies), from which the
+mean and the uncertainty maps come once per image at the end. Memory is the labels (k x H x W bytes
+per image) plus a few (C, H, W) sums, whatever k is.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection, Sequence
+from contextlib import nullcontext
 from dataclasses import dataclass
 
 import numpy as np
@@ -14,47 +22,51 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
+from training.manifest import Normalisation
 from training.networks import CalibrationNet, RefinementNet
 
 _LOG_EPS = 1e-12
 
+LABELS = "labels"  # (k, H, W) uint8: one label map per sample
+P_F = "p_f"  # (C, H, W): F's calibrated class probabilities
+MEAN = "mean"  # (C, H, W): the mean of G's soft samples
+ALEATORIC_ENTROPY = "aleatoric_entropy"  # (H, W): H(p_F)
+SAMPLE_ENTROPY = "sample_entropy"  # (H, W): H(mean)
+MUTUAL_INFORMATION = "mutual_information"  # (H, W): H(mean) - mean over samples of H(sample)
+SAMPLE_VARIANCE = "sample_variance"  # (H, W): sum over classes of the across-sample variance of the soft samples
+OUTPUTS = (LABELS, P_F, MEAN, ALEATORIC_ENTROPY, SAMPLE_ENTROPY, MUTUAL_INFORMATION, SAMPLE_VARIANCE)
+
+
+def use_device(name: str) -> torch.device:
+    """The device ``name`` selects (``auto``: CUDA when present, else the CPU), with this process set
+    up to compute on it: CPU denormals are flushed to zero, since near-zero weights and activations
+    as denormals made CPU convolutions several-fold slower (5x measured on a training state) and
+    flushing them changes no result that matters here."""
+    torch.set_flush_denormal(True)
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r}: CUDA is not available on this machine")
+    return device
+
 
 @dataclass(frozen=True)
-class Normalisation:
-    """Maps stored pixel values to the network's input range: integer images are divided by the
-    maximum of their dtype (255 or 65535), float images are taken as already in [0, 1]; then
-    [0, 1] is mapped linearly onto [low, high]."""
+class Networks:
+    """F and G in eval mode on one device, and how images are normalised for them."""
 
-    low: float = -1.0
-    high: float = 1.0
+    calibration: CalibrationNet
+    refinement: RefinementNet
+    normalisation: Normalisation
 
-    def apply(self, image: np.ndarray) -> np.ndarray:
-        """(H, W, C) uint8 | uint16 | float -> (C, H, W) float32."""
-        if np.issubdtype(image.dtype, np.integer):
-            unit = image.astype(np.float32) / float(np.iinfo(image.dtype).max)
-        else:
-            unit = image.astype(np.float32)
-        return (self.low + (self.high - self.low) * unit).transpose(2, 0, 1)
+    @property
+    def device(self) -> torch.device:
+        return next(self.calibration.parameters()).device
 
-
-@dataclass
-class SampleOutput:
-    """Everything one call produces, on the device it was computed on.
-
-    labels (B, k, H, W) int64; probabilities (B, k, C, H, W) soft samples; mean (B, C, H, W) the
-    sample mean; p_f (B, C, H, W); aleatoric_entropy = H(p_F), sample_entropy = H(mean),
-    mutual_information = H(mean) - mean_k H(sample_k), sample_variance = sum over classes of the
-    across-sample variance of the soft samples; each (B, H, W), entropies in nats.
-    """
-
-    labels: Tensor
-    probabilities: Tensor
-    mean: Tensor
-    p_f: Tensor
-    aleatoric_entropy: Tensor
-    sample_entropy: Tensor
-    mutual_information: Tensor
-    sample_variance: Tensor
+    def prepare(self, images: Sequence[np.ndarray]) -> Tensor:
+        """Images of one shape, (H, W, C) as stored (uint8, uint16 or float in [0, 1]) -> the
+        normalised batch (B, C, H, W) on the networks' device."""
+        return torch.from_numpy(np.stack([self.normalisation.apply(image) for image in images])).to(self.device)
 
 
 def entropy(probs: Tensor, dim: int) -> Tensor:
@@ -78,51 +90,99 @@ def _pad_to(x: Tensor, stride: int) -> tuple[Tensor, int, int]:
     return x, h, w
 
 
+class _Sums:
+    """Per-image running sums over samples, only those the requested outputs need."""
+
+    def __init__(self, outputs: set[str], ks: Sequence[int], num_classes: int, h: int, w: int, device: torch.device) -> None:
+        b, total = len(ks), sum(ks)
+        needs_mean = bool(outputs & {MEAN, SAMPLE_ENTROPY, MUTUAL_INFORMATION, SAMPLE_VARIANCE})
+        label_dtype = torch.uint8 if num_classes <= 256 else torch.int64
+        self.labels = torch.empty(total, h, w, dtype=label_dtype, device=device) if LABELS in outputs else None
+        self.probs = torch.zeros(b, num_classes, h, w, device=device) if needs_mean else None
+        self.squares = torch.zeros(b, num_classes, h, w, device=device) if SAMPLE_VARIANCE in outputs else None
+        self.entropies = torch.zeros(b, h, w, device=device) if MUTUAL_INFORMATION in outputs else None
+
+    def add(self, start: int, rows: Tensor, probs: Tensor) -> None:
+        """``probs`` (n, C, H, W): the soft samples ``start .. start + n`` of the flat sample list,
+        ``rows`` (n,) the image each belongs to."""
+        if self.labels is not None:
+            self.labels[start : start + probs.shape[0]] = probs.argmax(dim=1)
+        if self.probs is not None:
+            self.probs.index_add_(0, rows, probs)
+        if self.squares is not None:
+            self.squares.index_add_(0, rows, probs * probs)
+        if self.entropies is not None:
+            self.entropies.index_add_(0, rows, entropy(probs, dim=1))
+
+
+def _summarise(sums: _Sums, p_f: Tensor, ks: Sequence[int], outputs: set[str]) -> list[dict[str, Tensor]]:
+    results = []
+    offset = 0
+    for i, k in enumerate(ks):
+        out: dict[str, Tensor] = {}
+        if sums.labels is not None:
+            out[LABELS] = sums.labels[offset : offset + k]
+        if P_F in outputs:
+            out[P_F] = p_f[i]
+        if ALEATORIC_ENTROPY in outputs:
+            out[ALEATORIC_ENTROPY] = entropy(p_f[i], dim=0)
+        if sums.probs is not None:
+            mean = sums.probs[i] / k
+            sample_entropy = entropy(mean, dim=0)
+            if MEAN in outputs:
+                out[MEAN] = mean
+            if SAMPLE_ENTROPY in outputs:
+                out[SAMPLE_ENTROPY] = sample_entropy
+            if sums.entropies is not None:
+                # a difference of two entropies: rounding can leave it a hair below zero
+                out[MUTUAL_INFORMATION] = (sample_entropy - sums.entropies[i] / k).clamp_min(0.0)
+            if sums.squares is not None:
+                # E[p^2] - E[p]^2, the population variance; rounding can leave it a hair below zero
+                out[SAMPLE_VARIANCE] = (sums.squares[i] / k - mean * mean).clamp_min(0.0).sum(dim=0)
+        results.append(out)
+        offset += k
+    return results
+
+
 @torch.inference_mode()
 def sample(
-    calibration: CalibrationNet,
-    refinement: RefinementNet,
+    networks: Networks,
     images: Tensor,
-    k: int,
-    seeds: list[int],
+    ks: Sequence[int],
+    seeds: Sequence[int],
+    outputs: Collection[str] = OUTPUTS,
     decode_batch: int = 64,
-) -> SampleOutput:
-    """images (B, C_in, H, W), normalised, any H, W (padded to the nets' stride and cropped back).
-    ``seeds`` has one seed per image. ``decode_batch`` caps how many samples G decodes at once."""
+    amp: bool = False,
+) -> list[dict[str, Tensor]]:
+    """``images`` (B, C_in, H, W), normalised, any H, W (padded to the nets' stride and cropped
+    back); ``ks`` and ``seeds`` one per image. Returns, per image, the ``outputs`` asked for (names in
+    ``OUTPUTS``), on the images' device, probabilities and maps in float32. ``decode_batch`` caps
+    how many samples G decodes at once; ``amp`` runs the nets in float16 autocast (CUDA only: on a
+    CPU, bf16 autocast made the U-Nets ~70x slower)."""
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
-    if len(seeds) != images.shape[0]:
-        raise ValueError(f"{len(seeds)} seeds for {images.shape[0]} images")
-    if k < 1:
-        raise ValueError(f"k must be >= 1, got {k}")
+    if not len(ks) == len(seeds) == images.shape[0]:
+        raise ValueError(f"{len(ks)} ks and {len(seeds)} seeds for {images.shape[0]} images")
+    if min(ks, default=1) < 1:
+        raise ValueError(f"every k must be >= 1, got {list(ks)}")
+    wanted = set(outputs)
+    unknown = wanted - set(OUTPUTS)
+    if unknown:
+        raise ValueError(f"unknown outputs {sorted(unknown)}; expected some of {OUTPUTS}")
+    calibration, refinement = networks.calibration, networks.refinement
     stride = max(calibration.config.stride, refinement.config.stride)
     padded, h, w = _pad_to(images, stride)
-    b = padded.shape[0]
-    p_f = calibration(padded).softmax(dim=1)  # (B, C, Hp, Wp)
-    feats = refinement.encode(padded, p_f)
-    z = torch.stack([noise(s, k, refinement.config.noise_dim) for s in seeds]).to(padded.device)  # (B, k, Z)
-    z = z.reshape(b * k, -1)
-    rows = torch.arange(b, device=padded.device).repeat_interleave(k)  # image index of each sample
-    chunks = []
-    for start in range(0, b * k, decode_batch):
+    device = padded.device
+    autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
+    with autocast:
+        p_f = calibration(padded).float().softmax(dim=1)  # (B, C, Hp, Wp)
+        feats = refinement.encode(padded, p_f)
+    sums = _Sums(wanted, ks, p_f.shape[1], h, w, device)
+    z = torch.cat([noise(seed, k, refinement.config.noise_dim) for seed, k in zip(seeds, ks, strict=True)]).to(device)
+    rows = torch.repeat_interleave(torch.arange(len(ks), device=device), torch.tensor(list(ks), device=device))
+    for start in range(0, len(rows), decode_batch):
         idx = rows[start : start + decode_batch]
-        logits = refinement.decode([f[idx] for f in feats], z[start : start + decode_batch])
-        chunks.append(logits.float().softmax(dim=1))
-    probs = torch.cat(chunks).reshape(b, k, -1, *padded.shape[-2:])[..., :h, :w]  # (B, k, C, H, W)
-    return summarise(probs, p_f.float()[..., :h, :w])
-
-
-def summarise(probs: Tensor, p_f: Tensor) -> SampleOutput:
-    """Soft samples (B, k, C, H, W) and p_F (B, C, H, W) -> labels, mean and uncertainty maps."""
-    mean = probs.mean(dim=1)
-    sample_entropy = entropy(mean, dim=1)
-    return SampleOutput(
-        labels=probs.argmax(dim=2),
-        probabilities=probs,
-        mean=mean,
-        p_f=p_f,
-        aleatoric_entropy=entropy(p_f, dim=1),
-        sample_entropy=sample_entropy,
-        mutual_information=(sample_entropy - entropy(probs, dim=2).mean(dim=1)).clamp_min(0.0),
-        sample_variance=probs.var(dim=1, unbiased=False).sum(dim=1),
-    )
+        with autocast:
+            logits = refinement.decode([f[idx] for f in feats], z[start : start + decode_batch])
+        sums.add(start, idx, logits.float().softmax(dim=1)[..., :h, :w])
+    return _summarise(sums, p_f[..., :h, :w], ks, wanted)

@@ -1,7 +1,8 @@
 """The CAR training loop: F by cross-entropy against a random annotator, then G against D and
 L_cal, on random crops, with periodic validation (GED_16), best-version selection and resume.
 
-Reading order: ``TrainConfig`` -> ``train`` (the loop) -> ``_step`` (one iteration).
+Reading order: ``train`` (the phases: set up or resume -> steps -> validate and keep the best ->
+save the state) -> ``_step`` (one iteration). ``TrainConfig`` (``training.config``) has every knob.
 """
 
 from __future__ import annotations
@@ -9,7 +10,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -20,67 +21,31 @@ from torch.optim.swa_utils import AveragedModel, get_ema_multi_avg_fn
 from tqdm import tqdm
 
 from training import losses
-from training.checkpoint import (
-    CheckpointError,
-    LoadedModel,
-    build_discriminator,
-    load_verified,
-    save_model,
-    save_tensors,
-    version_folders,
-)
+from training.checkpoint import build_discriminator, load_verified, save_model, save_tensors
+from training.config import TrainConfig
 from training.data import Dataset, open_dataset
 from training.evaluate import evaluate
+from training.manifest import CheckpointError, Normalisation, version_folders
 from training.networks import ArchitectureConfig, CalibrationNet, RefinementNet, soft_one_hot
-from training.sampling import Normalisation
+from training.sampling import Networks, use_device
 
 STATE_DIR = "train-state"
 
 
-@dataclass(frozen=True)
-class TrainConfig:
-    data: str
-    out: Path
-    steps: int | None = None
-    minutes: float | None = None
-    size: int | None = None  # square crop side; None trains on whole images
-    batch_size: int = 8
-    samples: int = 8  # n samples of G per input for L_cal and L_adv (paper: 5)
-    lambda_adv: float = 10.0
-    lambda_cal: float = 5.0
-    cal_forward_weight: float = 1.0  # weight of KL(p_F || mean G) inside L_cal (ours; 0 = paper)
-    lr_f: float = 2e-4
-    lr_g: float = 2e-4
-    lr_d: float = 1e-4
-    betas: tuple[float, float] = (0.5, 0.99)
-    weight_decay: float = 5e-4
-    r1_gamma: float = 10.0
-    d_accuracy_gate: float = 0.85  # D learns only while its accuracy is below this
-    # share of the budget F trains alone before G starts: F's calibration is the floor of G's, and
-    # an F step costs about an eighth of a G step, so F's head start is cheap
-    f_warmup: float = 0.3
-    # validation and the saved model use an exponential moving average of F's and G's weights: the
-    # raw weights' sample frequencies swung by +-0.05 between validations two minutes apart. A
-    # window of ~100 steps: with 0.998, G's average lagged its weights (calibration error 0.18 vs
-    # 0.06 live, 30 CPU minutes in), as G takes only ~2000 steps on a 2-core CPU
-    ema_decay: float = 0.99
-    val_every_s: float = 120.0
-    val_cases: int = 96  # 32 left the frequency estimates too noisy to select a version by
-    val_samples: int = 16
-    seed: int = 0
-    device: str = "cpu"
-    architecture: dict[str, Any] | None = field(default=None)
+@dataclass
+class Progress:
+    """Where a run stands; saved in ``train-state/state.json`` and read back on resume."""
 
-    def __post_init__(self) -> None:
-        if (self.steps is None) == (self.minutes is None):
-            raise ValueError("give exactly one of steps or minutes")
-        if self.samples < 2:
-            raise ValueError(f"samples must be >= 2 for L_cal to see a distribution, got {self.samples}")
+    version: str  # the version folder this run writes its best model into
+    step: int = 0
+    elapsed: float = 0.0  # seconds of training so far, across resumes
+    best_ged: float = math.inf
+    d_accuracy: float = 0.5  # running mean of D's accuracy, which gates D's updates
+    config: dict[str, Any] = field(default_factory=dict)  # the config of the run that wrote it
 
-    def to_json(self) -> dict[str, Any]:
-        data = asdict(self)
-        data["out"] = str(self.out)
-        return data
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> Progress:
+        return cls(**{f.name: data[f.name] for f in fields(cls) if f.name in data})
 
 
 @dataclass
@@ -209,7 +174,7 @@ def _restore_optimizer(opt: torch.optim.Optimizer, tensors: dict[str, Tensor], g
     opt.load_state_dict({"state": state, "param_groups": groups})
 
 
-def _save_state(folder: Path, nets: Nets, progress: dict[str, Any]) -> None:
+def _save_state(folder: Path, nets: Nets, progress: Progress) -> None:
     tensors = {
         "calibration": nets.calibration.state_dict(),
         "refinement": nets.refinement.state_dict(),
@@ -222,20 +187,20 @@ def _save_state(folder: Path, nets: Nets, progress: dict[str, Any]) -> None:
         tensors[name], groups[name] = _flatten_optimizer(getattr(nets, name))
     tensors = {k: {n: t.detach().cpu().contiguous() for n, t in v.items()} for k, v in tensors.items()}
     hashes = save_tensors(folder, tensors)
-    (folder / "state.json").write_text(json.dumps({**progress, "param_groups": groups, "sha256": hashes}, indent=2) + "\n")
+    (folder / "state.json").write_text(json.dumps({**asdict(progress), "param_groups": groups, "sha256": hashes}, indent=2) + "\n")
 
 
-def _load_state(folder: Path, nets: Nets) -> dict[str, Any]:
+def _load_state(folder: Path, nets: Nets) -> Progress:
     state = json.loads((folder / "state.json").read_text())
     manifest = {"sha256": state["sha256"]}
     for name in ("calibration", "refinement", "discriminator", "ema_f", "ema_g"):
         getattr(nets, name).load_state_dict(load_verified(folder, f"{name}.safetensors", manifest))
     for name in ("opt_f", "opt_g", "opt_d"):
         _restore_optimizer(getattr(nets, name), load_verified(folder, f"{name}.safetensors", manifest), state["param_groups"][name])
-    return state
+    return Progress.from_json(state)
 
 
-def _manifest(config: TrainConfig, dataset: Dataset, nets: Nets, metrics: dict[str, Any], step: int, elapsed: float) -> dict[str, Any]:
+def _manifest(config: TrainConfig, dataset: Dataset, nets: Nets, metrics: dict[str, Any], progress: Progress) -> dict[str, Any]:
     return {
         "name": config.out.name,
         "architecture": {
@@ -251,22 +216,36 @@ def _manifest(config: TrainConfig, dataset: Dataset, nets: Nets, metrics: dict[s
         "metrics": {"validation": metrics},
         "training": {
             "config": config.to_json(),
-            "step": step,
-            "seconds": round(elapsed, 1),
+            "step": progress.step,
+            "seconds": round(progress.elapsed, 1),
             "device": config.device,
             "torch": torch.__version__,
         },
     }
 
 
-def train(config: TrainConfig) -> Path:
-    """Train into ``config.out`` (a model folder); resumes from its train-state if present.
-    Returns the folder of the best version (by validation GED_16)."""
+@dataclass
+class _Run:
+    """What the phases of one run share."""
+
+    config: TrainConfig
+    device: torch.device
+    train_set: Dataset
+    val_set: Dataset
+    nets: Nets
+    progress: Progress
+    state_dir: Path
+
+    @property
+    def version_dir(self) -> Path:
+        return self.config.out / self.progress.version
+
+
+def _set_up(config: TrainConfig) -> _Run:
+    """Data, networks and optimisers; the saved state when ``config.out`` has one (resume), else a
+    new version number after the existing ones."""
     torch.manual_seed(config.seed)
-    # weight decay drives G's unused weights towards zero; as denormals they made a CPU step 5x
-    # slower within 20 minutes (3.4 s vs 0.7 s measured on the same state)
-    torch.set_flush_denormal(True)
-    device = torch.device(config.device)
+    device = use_device(config.device)
     train_set = open_dataset(config.data, "train")
     val_set = open_dataset(config.data, "val", length=config.val_cases)
     if config.architecture:
@@ -275,28 +254,46 @@ def train(config: TrainConfig) -> Path:
         arch = ArchitectureConfig.default(train_set.in_channels, len(train_set.classes))
     nets = _build(config, arch, device)
     state_dir = config.out / STATE_DIR
-    progress: dict[str, Any] = {"step": 0, "elapsed": 0.0, "best_ged": math.inf, "d_accuracy": 0.5}
     if (state_dir / "state.json").exists():
         progress = _load_state(state_dir, nets)
-        if progress.get("config", {}).get("data") != config.data:
-            raise CheckpointError(f"{state_dir}: was trained on {progress.get('config', {}).get('data')!r}, not {config.data!r}")
+        if progress.config.get("data") != config.data:
+            raise CheckpointError(f"{state_dir}: was trained on {progress.config.get('data')!r}, not {config.data!r}")
     else:
         existing = version_folders(config.out)
-        progress["version"] = str(int(existing[-1].name) + 1 if existing else 1)
-    progress["config"] = config.to_json()
-    version_dir = config.out / progress["version"]
-    batches = Batches(train_set, config.size, config.batch_size, config.seed + progress["step"], Normalisation())
-    history = state_dir / "history.jsonl"
+        progress = Progress(version=str(int(existing[-1].name) + 1 if existing else 1))
+    progress.config = config.to_json()
     state_dir.mkdir(parents=True, exist_ok=True)
+    return _Run(config, device, train_set, val_set, nets, progress, state_dir)
 
-    start = time.monotonic() - progress["elapsed"]
+
+def _validate(run: _Run, log: dict[str, float]) -> None:
+    """Score the EMA networks on the validation set, append to the history and keep them as the
+    version if they beat the best so far."""
+    nets, progress = run.nets, run.progress
+    networks = Networks(nets.ema_f.module.eval(), nets.ema_g.module.eval(), Normalisation())
+    metrics = evaluate(networks, run.val_set, n_samples=run.config.val_samples).summary
+    record = {"step": progress.step, "seconds": round(progress.elapsed, 1), **metrics, **log}
+    with (run.state_dir / "history.jsonl").open("a") as fh:
+        fh.write(json.dumps(record) + "\n")
+    tqdm.write(f"step {progress.step} {progress.elapsed:.0f}s val " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
+    if metrics["ged"] < progress.best_ged:
+        progress.best_ged = metrics["ged"]
+        save_model(run.version_dir, networks.calibration, networks.refinement, _manifest(run.config, run.train_set, nets, metrics, progress))
+
+
+def train(config: TrainConfig) -> Path:
+    """Train into ``config.out`` (a model folder); resumes from its train-state if present.
+    Returns the folder of the best version (by validation GED_16)."""
+    run = _set_up(config)
+    nets, progress = run.nets, run.progress
+    batches = Batches(run.train_set, config.size, config.batch_size, config.seed + progress.step, Normalisation())
+    start = time.monotonic() - progress.elapsed
     last_val = time.monotonic()
-    step = progress["step"]
-    bar = tqdm(total=config.steps, initial=step, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=config.steps, initial=progress.step, unit="step", dynamic_ncols=True)
 
     def budget_used() -> float:
         if config.steps is not None:
-            return step / config.steps
+            return progress.step / config.steps
         return (time.monotonic() - start) / (60 * config.minutes)  # type: ignore[operator]
 
     while budget_used() < 1.0:
@@ -306,30 +303,21 @@ def train(config: TrainConfig) -> Path:
                 group["lr"] = lr * scale
         nets.calibration.train()
         nets.refinement.train()
-        image, label = (t.to(device) for t in batches.next())
-        log = _step(config, nets, image, label, budget_used() >= config.f_warmup, progress["d_accuracy"])
+        image, label = (t.to(run.device) for t in batches.next())
+        log = _step(config, nets, image, label, budget_used() >= config.f_warmup, progress.d_accuracy)
         if "d_acc" in log:
-            progress["d_accuracy"] = 0.9 * progress["d_accuracy"] + 0.1 * log["d_acc"]
-        step += 1
+            progress.d_accuracy = 0.9 * progress.d_accuracy + 0.1 * log["d_acc"]
+        progress.step += 1
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in log.items()}, refresh=False)
         done = budget_used() >= 1.0
         if done or time.monotonic() - last_val >= config.val_every_s:
             last_val = time.monotonic()
-            progress.update(step=step, elapsed=time.monotonic() - start)
+            progress.elapsed = time.monotonic() - start
             if budget_used() >= config.f_warmup or done:
-                calibration, refinement = nets.ema_f.module.eval(), nets.ema_g.module.eval()
-                model = LoadedModel(config.out.name, progress["version"], version_dir, {}, calibration, refinement)
-                metrics = evaluate(model, val_set, n_samples=config.val_samples, device=device).summary
-                record = {"step": step, "seconds": round(progress["elapsed"], 1), **metrics, **log}
-                with history.open("a") as fh:
-                    fh.write(json.dumps(record) + "\n")
-                tqdm.write(f"step {step} {progress['elapsed']:.0f}s val " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-                if metrics["ged"] < progress["best_ged"]:
-                    progress["best_ged"] = metrics["ged"]
-                    save_model(version_dir, calibration, refinement, _manifest(config, train_set, nets, metrics, step, progress["elapsed"]))
-            _save_state(state_dir, nets, progress)
+                _validate(run, log)
+            _save_state(run.state_dir, nets, progress)
     bar.close()
-    if not (version_dir / "manifest.json").exists():
+    if not (run.version_dir / "manifest.json").exists():
         raise CheckpointError(f"training ended before G trained long enough to validate; no version in {config.out}")
-    return version_dir
+    return run.version_dir

@@ -1,9 +1,10 @@
-"""The app factory: settings -> registry -> queue -> segmenter, wired in the lifespan."""
+"""The app factory: settings -> registry -> queue -> segmenter, wired in the lifespan. Which queue
+is the caller's choice (``service.server.open_queue``): this package never imports torch."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
@@ -13,30 +14,16 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from service.api.middleware import BodyLimit, RequestMetrics
 from service.api.routes import health, inference, models
-from service.config import Settings, get_settings
+from service.config import Settings
 from service.errors import ServiceError
 from service.metrics import Metrics
 from service.queue import JobQueue
-from service.queue.local import LocalQueue
-from service.queue.redis_queue import RedisQueue
 from service.registry import ModelRegistry
 from service.segmentation import Segmenter
-from training.cli import resolve_device
 
 log = logging.getLogger(__name__)
 
-
-def build_queue(settings: Settings, registry: ModelRegistry, metrics: Metrics) -> JobQueue:
-    if settings.queue == "redis":
-        return RedisQueue(settings, metrics, registry.names())  # the workers load the networks
-    device = resolve_device(settings.device)
-    for name in registry.names():  # load before taking traffic: ready means ready
-        entry = registry.get(name)
-        registry.load(name, entry.version, device)
-    return LocalQueue(
-        registry, device, metrics, settings.batch_max_samples, settings.batch_max_delay_ms / 1000,
-        settings.max_queued_jobs, settings.decode_batch,
-    )
+QueueFactory = Callable[[Settings, ModelRegistry, Metrics], JobQueue]
 
 
 def _error(request: Request, exc: ServiceError) -> JSONResponse:
@@ -44,14 +31,13 @@ def _error(request: Request, exc: ServiceError) -> JSONResponse:
     return JSONResponse({"error": exc.reason, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    settings = settings or get_settings()
+def create_app(settings: Settings, open_queue: QueueFactory) -> FastAPI:
     metrics = Metrics()
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         registry = ModelRegistry(settings.model_dir)
-        queue = build_queue(settings, registry, metrics)
+        queue = open_queue(settings, registry, metrics)
         await queue.start()
         app.state.registry, app.state.queue = registry, queue
         app.state.segmenter = Segmenter(settings, registry, queue)

@@ -10,7 +10,7 @@ from redis.exceptions import RedisError
 
 from service.config import Settings
 from service.errors import DeadlineExceeded, QueueFull, Unavailable
-from service.inference import Job, JobResult
+from service.jobs import Job, JobResult
 from service.metrics import Metrics
 from service.queue.redis_protocol import GROUP, Keys, decode_payload, job_fields
 

@@ -9,7 +9,6 @@ from typing import Protocol
 from training.data.cases import Case, Event, KnownDistribution
 from training.data.folder import DatasetError, FolderDataset
 from training.data.lidc_sample import LidcSample, default_root
-from training.data.synthetic import DEFAULT_LENGTHS, GENERATORS, SyntheticDataset
 
 
 class Dataset(Protocol):
@@ -27,6 +26,10 @@ def open_dataset(spec: str, split: str, length: int | None = None) -> Dataset:
     """``spec`` is a folder path, ``lidc-sample[:PATH]`` or ``synthetic:NAME``; ``length`` caps how
     many synthetic cases a pass visits (default: the split's usual size)."""
     if spec.startswith("synthetic:"):
+        # imported here: the generators need scipy, which the `carseg` command (serve included)
+        # would otherwise load at start-up for nothing
+        from training.data.synthetic import DEFAULT_LENGTHS, GENERATORS, SyntheticDataset
+
         name = spec.split(":", 1)[1]
         if name not in GENERATORS:
             raise DatasetError(f"unknown synthetic generator {name!r}; expected one of {GENERATORS}")

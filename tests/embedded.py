@@ -12,8 +12,8 @@ from types import TracebackType
 import httpx
 import uvicorn
 
-from service.api.app import create_app
 from service.config import Settings
+from service.server import build_app
 
 
 def free_port() -> int:
@@ -25,7 +25,7 @@ def free_port() -> int:
 class EmbeddedServer:
     def __init__(self, settings: Settings, ready_timeout_s: float = 60.0) -> None:
         self.settings = settings.model_copy(update={"port": settings.port if settings.port != 8000 else free_port()})
-        self.app = create_app(self.settings)
+        self.app = build_app(self.settings)
         self.url = f"http://{self.settings.host}:{self.settings.port}"
         self._server = uvicorn.Server(uvicorn.Config(self.app, host=self.settings.host, port=self.settings.port, log_level="warning"))
         self._thread = threading.Thread(target=self._server.run, daemon=True)
@@ -49,3 +49,16 @@ class EmbeddedServer:
     def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None, tb: TracebackType | None) -> None:
         self._server.should_exit = True
         self._thread.join(timeout=15)
+
+
+def wait_ready(url: str, timeout: float = 30.0, expect: int = 200) -> None:
+    """Poll ``/health/ready`` until it answers ``expect``."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(f"{url}/health/ready", timeout=2).status_code == expect:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.05)  # polling interval
+    raise TimeoutError(f"/health/ready never answered {expect}")

@@ -1,0 +1,3 @@
+from carseg.cli import main
+
+main()

@@ -1,0 +1,60 @@
+"""The runner's loop: collect a batch, execute it, repeat until stopped. ``carseg worker`` runs it
+in its main thread over the Redis consumer; ``carseg serve`` runs it in a thread over the
+in-process queue."""
+
+from __future__ import annotations
+
+import threading
+
+from service.config import Settings
+from service.metrics import Metrics
+from service.queue.base import JobSource
+from service.runner.batching import BatchCollector
+from service.runner.executor import Executor
+from service.runner.models import ModelPool
+
+
+class Runner:
+    def __init__(self, collector: BatchCollector, executor: Executor, idle_timeout_s: float) -> None:
+        self.collector, self.executor, self.idle_timeout_s = collector, executor, idle_timeout_s
+        self.stopping = threading.Event()
+
+    def run(self, burst: bool = False) -> None:
+        """Serve until ``stop()``; with ``burst``, return once the source has nothing to give."""
+        while not self.stopping.is_set():
+            batch = self.collector.next_batch(self.idle_timeout_s)
+            if batch:
+                self.executor.execute(batch)
+            elif burst:
+                return
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+class RunnerThread:
+    """A runner in a daemon thread (the in-process queue's consumer)."""
+
+    def __init__(self, runner: Runner) -> None:
+        self.runner = runner
+        self._thread: threading.Thread | None = None
+
+    def start(self) -> None:
+        self.runner.stopping.clear()
+        self._thread = threading.Thread(target=self.runner.run, name="carseg-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.runner.stop()
+        if self._thread is not None:
+            self._thread.join(timeout=10)
+            self._thread = None
+
+    def is_alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+
+def build_runner(source: JobSource, models: ModelPool, metrics: Metrics, settings: Settings, idle_timeout_s: float) -> Runner:
+    """The one runner both transports use, with the batch budget and delay of ``settings``."""
+    collector = BatchCollector(source, settings.batch_max_samples, settings.batch_max_delay_ms / 1000, typical_k=settings.default_k)
+    return Runner(collector, Executor(models, metrics, settings.decode_batch), idle_timeout_s)
