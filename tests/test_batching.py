@@ -1,0 +1,72 @@
+"""The batch collector on a scripted source: budget split, carry-over, the count it asks for and
+its closing delay."""
+
+from dataclasses import dataclass, field
+
+from service.runner.batching import BatchCollector
+from tests.queue_backends import make_job
+
+
+@dataclass
+class Delivered:
+    job: object
+
+
+@dataclass
+class ScriptedSource:
+    """Jobs waiting in order; each take hands out up to max_jobs of them and records what it was asked."""
+
+    ks: list[int]
+    asked: list[tuple[float, int]] = field(default_factory=list)
+
+    def take(self, timeout_s: float, max_jobs: int) -> list[Delivered]:
+        self.asked.append((timeout_s, max_jobs))
+        taken, self.ks = self.ks[:max_jobs], self.ks[max_jobs:]
+        return [Delivered(make_job(k=k, seed=i)) for i, k in enumerate(taken)]
+
+
+def batches(collector: BatchCollector) -> list[list[int]]:
+    out = []
+    while batch := collector.next_batch(idle_timeout_s=0.0):
+        out.append([d.job.k for d in batch])
+    return out
+
+
+def test_budget_split_carries_the_overflowing_job_into_the_next_batch():
+    source = ScriptedSource([4, 4, 4, 8, 2, 1])
+    assert batches(BatchCollector(source, max_samples=10, max_delay_s=0.0, typical_k=1)) == [[4, 4], [4], [8, 2], [1]]
+
+
+def test_a_job_over_the_budget_is_a_batch_of_its_own_and_order_is_kept():
+    source = ScriptedSource([3, 20, 3, 3])
+    assert batches(BatchCollector(source, max_samples=16, max_delay_s=0.0, typical_k=16)) == [[3], [20], [3, 3]]
+
+
+def test_a_carried_job_opens_the_next_batch_without_waiting_for_the_source():
+    source = ScriptedSource([6, 6])
+    collector = BatchCollector(source, max_samples=8, max_delay_s=0.0, typical_k=8)
+    assert [d.job.k for d in collector.next_batch(idle_timeout_s=0.0)] == [6]
+    calls = len(source.asked)
+    # the second 6 was taken to fill the rest of the budget and carried over: the next batch starts
+    # from it, with no idle wait on the source
+    assert [d.job.k for d in collector.next_batch(idle_timeout_s=30.0)] == [6]
+    assert all(timeout < 30.0 for timeout, _ in source.asked[calls:])
+
+
+def test_it_asks_for_about_what_the_rest_of_the_budget_holds_at_the_recent_mean_k():
+    source = ScriptedSource([8] * 20)
+    collector = BatchCollector(source, max_samples=16, max_delay_s=0.0, typical_k=16)
+    for _ in range(6):
+        collector.next_batch(idle_timeout_s=0.0)
+    # first ask: 16 / 16 = 1 job; once the mean k has moved towards 8, 16 / 8 = 2
+    assert source.asked[0][1] == 1 and source.asked[-1][1] == 2
+
+
+def test_the_batch_closes_after_the_delay_when_the_budget_is_not_full():
+    source = ScriptedSource([1])
+    collector = BatchCollector(source, max_samples=16, max_delay_s=0.05, typical_k=1)
+    assert [d.job.k for d in collector.next_batch(idle_timeout_s=1.0)] == [1]
+    first, *rest = source.asked
+    assert first[0] == 1.0  # the first job is waited for as long as the idle timeout
+    assert rest and all(timeout <= 0.05 for timeout, _ in rest)  # the rest only until the batch closes
+    assert collector.next_batch(idle_timeout_s=0.0) == []
