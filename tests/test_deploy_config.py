@@ -14,8 +14,8 @@ import pytest
 import yaml
 
 from service.config import Settings
-from service.embedded import EmbeddedServer, free_port
 from service.metrics import Metrics
+from tests.embedded import EmbeddedServer, free_port
 from tests.service_fixtures import grey, png, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
@@ -48,8 +48,43 @@ def test_compose_services_and_mounts():
         if build:
             dockerfile = (REPO / build["context"] / build["dockerfile"]).read_text()
             assert f"AS {build['target']}" in dockerfile
-    dockerfile = (REPO / "docker" / "Dockerfile").read_text()
-    assert dockerfile.count("USER carseg") == 2  # both targets run as non-root
+
+
+def _stages(dockerfile: str) -> dict[str, tuple[str, list[str]]]:
+    """Stage name -> (its base, its instructions), from the FROM ... AS ... lines."""
+    stages: dict[str, tuple[str, list[str]]] = {}
+    current: list[str] = []
+    for line in dockerfile.splitlines():
+        words = line.split()
+        if words[:1] == ["FROM"]:
+            current = []
+            stages[words[3] if len(words) > 3 else words[1]] = (words[1], current)
+        elif words:
+            current.append(line)
+    return stages
+
+
+def _run_as(stages, name) -> str:
+    """The user a stage's container runs as: its last USER, else its base stage's, else root."""
+    base, lines = stages[name]
+    users = [line.split()[1] for line in lines if line.split()[0] == "USER"]
+    return users[-1] if users else _run_as(stages, base) if base in stages else "root"
+
+
+def test_every_image_compose_builds_runs_as_a_user_the_image_creates():
+    compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+    stages = _stages((REPO / "docker" / "Dockerfile").read_text())
+    targets = {s["build"]["target"] for s in compose["services"].values() if "build" in s}
+    assert targets == {"cpu", "cuda"}
+    for target in targets:
+        user = _run_as(stages, target)
+        assert user not in ("root", "0"), f"{target} runs as root"
+        created, stage = False, target
+        while stage in stages:  # the user must be created in the stage or one it builds on
+            base, lines = stages[stage]
+            created |= any("useradd" in line and line.split()[-1] == user for line in lines)
+            stage = base
+        assert created, f"{target} runs as {user}, which no stage creates"
 
 
 def test_prometheus_config_passes_promtool():

@@ -36,9 +36,26 @@ def test_discriminator_loss_has_r1_and_accuracy():
     image = torch.randn(2, 1, 16, 16)
     real = soft_one_hot(torch.randint(0, 2, (2, 16, 16)), 2)
     fake = torch.rand(2, 2, 16, 16).softmax(1)
-    without, acc = losses.discriminator_loss(disc, image, real, fake, 0.0)
+    without, _ = losses.discriminator_loss(disc, image, real, fake, 0.0)
     with_r1, _ = losses.discriminator_loss(disc, image, real, fake, 10.0)
     assert with_r1.item() > without.item()
-    assert 0.0 <= acc.item() <= 1.0
     with_r1.backward()  # R1 is differentiable (create_graph)
     assert all(p.grad is not None for p in disc.parameters())
+
+
+class ForegroundScore(torch.nn.Module):
+    """A discriminator that calls a mask real when most of it is foreground: logit 10 * (share - 1/2)."""
+
+    def forward(self, image, mask):
+        return 10 * (mask[:, 1].mean(dim=(1, 2)) - 0.5)
+
+
+def test_discriminator_accuracy_and_loss_hand_computed():
+    image = torch.zeros(2, 1, 4, 4)
+    real = soft_one_hot(torch.stack([torch.ones(4, 4), torch.zeros(4, 4)]).long(), 2)  # scored +5 (right), -5 (wrong)
+    fake = soft_one_hot(torch.zeros(2, 4, 4).long(), 2)  # both scored -5: both right
+    loss, accuracy = losses.discriminator_loss(ForegroundScore(), image, real, fake, 0.0)
+    assert accuracy.item() == pytest.approx((1 / 2 + 1) / 2)
+    softplus = torch.nn.functional.softplus
+    expected = (softplus(torch.tensor(-5.0)) + softplus(torch.tensor(5.0))) / 2 + softplus(torch.tensor(-5.0))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-5)
