@@ -39,16 +39,12 @@ def _serve(args: argparse.Namespace) -> None:
 
 
 def _worker(args: argparse.Namespace) -> None:
-    import torch
-
     from service.worker import serve_worker
     from training.sampling import use_device
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
     settings = _settings(args)
     try:
-        device = use_device(settings.device)
+        device = use_device(settings.device, args.threads)
     except ValueError as exc:
         raise SystemExit(f"--device: {exc}") from exc
     serve_worker(settings, device, args.models)

@@ -21,14 +21,10 @@ if TYPE_CHECKING:
 
 
 def _device(name: str, threads: int | None = None) -> torch.device:
-    import torch
-
     from training.sampling import use_device
 
-    if threads:
-        torch.set_num_threads(threads)
     try:
-        return use_device(name)
+        return use_device(name, threads)
     except ValueError as exc:
         raise SystemExit(f"--device: {exc}") from exc
 

@@ -10,8 +10,8 @@ from fastapi import Request
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
+from service.api.schemas import ImageJSON
 from service.errors import InvalidParameter, InvalidRequest, UnsupportedMediaType
-from service.schemas import ImageJSON
 
 # Shown in OpenAPI: the two body shapes the inference routes accept.
 OPENAPI_BODY = {

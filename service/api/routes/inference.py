@@ -10,9 +10,9 @@ from fastapi import APIRouter, Header, Query, Request, Response
 
 from service.api.body import OPENAPI_BODY, read_body
 from service.api.deps import MetricsDep, SegmenterDep
+from service.api.schemas import ErrorResponse, SampleResponse, UncertaintyResponse
 from service.codecs.outputs import NPZ_MEDIA_TYPE, b64, heat_png, npy_bytes, npz_bytes, png_bytes, wants_npz
 from service.jobs import Output
-from service.schemas import ErrorResponse, SampleResponse, UncertaintyResponse
 from service.segmentation import Segmentation, Segmenter
 
 router = APIRouter(prefix="/v1/models", tags=["inference"])

@@ -5,8 +5,8 @@ from __future__ import annotations
 from fastapi import APIRouter
 
 from service.api.deps import RegistryDep, SettingsDep
+from service.api.schemas import ErrorResponse, InputSpec, ModelDetail, ModelList, ModelSummary
 from service.codecs.images import NPY_DTYPES
-from service.schemas import ErrorResponse, InputSpec, ModelDetail, ModelList, ModelSummary
 
 router = APIRouter(prefix="/v1/models", tags=["models"])
 
