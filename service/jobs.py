@@ -44,6 +44,9 @@ class Job:
     def __post_init__(self) -> None:
         if self.image.ndim != 3 or self.image.dtype.name not in IMAGE_DTYPES:
             raise ValueError(f"a job's image is (H, W, C) of {IMAGE_DTYPES}, not {self.image.dtype} {self.image.shape}")
+        # native byte order, C order: a transport carries the raw bytes with the dtype's name only
+        # (a big-endian .npy upload would otherwise cross Redis byte-swapped)
+        self.image = np.ascontiguousarray(self.image, dtype=self.image.dtype.name)
         if self.k < 1:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if not self.outputs:
