@@ -49,7 +49,7 @@ def raw_sampler(model_dir: Path, image: np.ndarray, ks: list[int], budget: int, 
 
     def run(batch: int, k: int, seed: int) -> None:
         # what a /samples request needs: the masks, on the host
-        for out in sample(networks, x.expand(batch, -1, -1, -1), [k] * batch, range(seed, seed + batch), outputs=[LABELS]):
+        for out in sample(networks, x.expand(batch, -1, -1, -1).contiguous(), [k] * batch, range(seed, seed + batch), outputs=[LABELS]):
             out[LABELS].cpu()
 
     for k in ks:
