@@ -4,6 +4,7 @@ its closing delay."""
 from dataclasses import dataclass, field
 
 from service.runner.batching import BatchCollector
+from service.runner.loop import Runner
 from tests.queue_backends import make_job
 
 
@@ -58,8 +59,10 @@ def test_it_asks_for_about_what_the_rest_of_the_budget_holds_at_the_recent_mean_
     collector = BatchCollector(source, max_samples=16, max_delay_s=0.0, typical_k=16)
     for _ in range(6):
         collector.next_batch(idle_timeout_s=0.0)
-    # first ask: 16 / 16 = 1 job; once the mean k has moved towards 8, 16 / 8 = 2
+    # first ask: 16 / 16 = 1 job; once the recent jobs are all k = 8, 16 / 8 = 2
     assert source.asked[0][1] == 1 and source.asked[-1][1] == 2
+    # and with the budget half used, 8 / 8 = 1
+    assert (0.0, 1) in source.asked[1:]
 
 
 def test_the_batch_closes_after_the_delay_when_the_budget_is_not_full():
@@ -70,3 +73,32 @@ def test_the_batch_closes_after_the_delay_when_the_budget_is_not_full():
     assert first[0] == 1.0  # the first job is waited for as long as the idle timeout
     assert rest and all(timeout <= 0.05 for timeout, _ in rest)  # the rest only until the batch closes
     assert collector.next_batch(idle_timeout_s=0.0) == []
+
+
+def test_draining_batches_what_was_taken_without_asking_the_source():
+    source = ScriptedSource([6, 6, 6])
+    collector = BatchCollector(source, max_samples=8, max_delay_s=0.0, typical_k=8)
+    collector.next_batch(idle_timeout_s=0.0)  # runs the first 6, carries the second
+    asked = len(source.asked)
+    assert [d.job.k for d in collector.next_batch(idle_timeout_s=0.0, more=False)] == [6]
+    assert collector.next_batch(idle_timeout_s=0.0, more=False) == [] and len(source.asked) == asked
+
+
+class Recorder:
+    def __init__(self, runner_box):
+        self.batches, self.runner_box = [], runner_box
+
+    def execute(self, batch):
+        self.batches.append([d.job.k for d in batch])
+        self.runner_box[0].stop()  # a stop arrives while the first batch runs
+
+
+def test_a_stopped_runner_runs_the_jobs_it_already_took():
+    # a Redis job taken and left behind would wait out the visibility timeout in a dead consumer's hands
+    source = ScriptedSource([6, 6, 6])
+    box = []
+    executor = Recorder(box)
+    runner = Runner(BatchCollector(source, max_samples=8, max_delay_s=0.0, typical_k=8), executor, idle_timeout_s=0.0)
+    box.append(runner)
+    runner.run()
+    assert executor.batches == [[6], [6]] and source.ks == [6]  # the carried job ran; the untaken one stays queued

@@ -21,27 +21,30 @@ class BatchCollector:
     def __init__(self, source: JobSource, max_samples: int, max_delay_s: float, typical_k: float) -> None:
         self.source, self.max_samples, self.max_delay_s = source, max_samples, max_delay_s
         self._carry: deque[Delivery] = deque()
-        self._mean_k = float(typical_k)
+        self._typical_k = max(1.0, typical_k)
+        self._recent_ks: deque[int] = deque(maxlen=32)
 
     def _ask(self, room: int) -> int:
-        return max(1, round(room / max(self._mean_k, 1.0)))
+        # at the mean k of the last 32 jobs, rounded down: better one read more than a job carried
+        mean_k = sum(self._recent_ks) / len(self._recent_ks) if self._recent_ks else self._typical_k
+        return max(1, int(room // mean_k))
 
     def _take(self, timeout_s: float, room: int) -> bool:
         taken = self.source.take(timeout_s, self._ask(room))
-        if taken:
-            self._mean_k = 0.8 * self._mean_k + 0.2 * sum(d.job.k for d in taken) / len(taken)
-            self._carry.extend(taken)
+        self._recent_ks.extend(d.job.k for d in taken)
+        self._carry.extend(taken)
         return bool(taken)
 
-    def next_batch(self, idle_timeout_s: float) -> list[Delivery]:
-        """The next batch; empty when nothing came within ``idle_timeout_s``."""
-        if not self._carry and not self._take(idle_timeout_s, self.max_samples):
+    def next_batch(self, idle_timeout_s: float, more: bool = True) -> list[Delivery]:
+        """The next batch; empty when nothing came within ``idle_timeout_s``. With ``more=False`` the
+        source is not asked: only what was already taken is batched (draining on stop)."""
+        if not self._carry and not (more and self._take(idle_timeout_s, self.max_samples)):
             return []
         batch: list[Delivery] = []
         samples = 0
         close_at = time.monotonic() + self.max_delay_s
         while samples < self.max_samples:
-            if not self._carry and not self._take(max(0.0, close_at - time.monotonic()), self.max_samples - samples):
+            if not self._carry and not (more and self._take(max(0.0, close_at - time.monotonic()), self.max_samples - samples)):
                 break
             k = self._carry[0].job.k
             if batch and samples + k > self.max_samples:

@@ -20,13 +20,17 @@ class Runner:
         self.stopping = threading.Event()
 
     def run(self, burst: bool = False) -> None:
-        """Serve until ``stop()``; with ``burst``, return once the source has nothing to give."""
+        """Serve until ``stop()``; with ``burst``, return once the source has nothing to give. Jobs
+        already taken are run before returning: a Redis job taken and left would wait out the
+        visibility timeout in this stopped consumer's hands."""
         while not self.stopping.is_set():
             batch = self.collector.next_batch(self.idle_timeout_s)
             if batch:
                 self.executor.execute(batch)
             elif burst:
-                return
+                break
+        while batch := self.collector.next_batch(0.0, more=False):
+            self.executor.execute(batch)
 
     def stop(self) -> None:
         self.stopping.set()
