@@ -117,3 +117,18 @@ def test_service_outputs_are_sampler_outputs():
     from service.jobs import Output
 
     assert {str(o) for o in Output} <= set(OUTPUTS)
+
+
+def test_chunked_variance_is_exact_where_the_textbook_formula_cancels():
+    # 64 confident samples, p within 1e-4 of 1: E[p^2] - E[p]^2 in float32 loses every digit of a
+    # variance of ~1e-9; merging chunk statistics (Chan et al.) keeps it
+    from training.sampling import _Stats
+
+    p = 1 - 1e-4 * torch.rand(64, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    probs = torch.cat([p, 1 - p], dim=1)  # (64, 2, 3, 3)
+    stats = _Stats({SAMPLE_VARIANCE, MEAN}, [64], 2, 3, 3, torch.device("cpu"))
+    for start in range(0, 64, 5):
+        stats.add(start, probs[start : start + 5].float())
+    reference = probs.var(dim=0, unbiased=False).sum(dim=0)
+    assert torch.allclose(stats.m2[0].sum(0).double() / 64, reference, rtol=1e-3, atol=0)
+    assert torch.allclose(stats.mean[0].double(), probs.mean(0), atol=1e-7)

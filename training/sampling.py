@@ -5,10 +5,10 @@ Each image asks for its own k and seed. Its noise comes from its own ``torch.Gen
 that seed and drawn on the CPU, row by row, so (image, seed, k) gives the same samples alone, in
 any batch and on any device, and the first k samples of a seed are the same whatever k is asked for.
 
-Only the outputs asked for are computed, and no soft sample is kept: each decoded chunk is folded
-into per-image running sums (of the soft samples, their squares and their entropies), from which the
-mean and the uncertainty maps come once per image at the end. Memory is the labels (k x H x W bytes
-per image) plus a few (C, H, W) sums, whatever k is.
+Only the outputs asked for are computed, and no soft sample is kept: each decoded chunk is merged
+into per-image statistics (the mean of the soft samples, their squared deviations, their entropies),
+from which the uncertainty maps come once per image at the end. Memory is the labels (k x H x W
+bytes per image) plus a few (C, H, W) maps, whatever k is.
 """
 
 from __future__ import annotations
@@ -92,57 +92,72 @@ def _pad_to(x: Tensor, stride: int) -> tuple[Tensor, int, int]:
     return x, h, w
 
 
-class _Sums:
-    """Per-image running sums over samples, only those the requested outputs need."""
+class _Stats:
+    """Per-image statistics of the soft samples, merged chunk by chunk, only those the requested
+    outputs need: the labels, the mean and the sum of squared deviations from it (Chan et al.'s
+    pairwise update, exact where E[p^2] - E[p]^2 would cancel in float32), and the sum of the
+    samples' entropies. Each image's samples are merged in order with plain adds, no atomics, so
+    the maps do not change from run to run on a GPU."""
 
     def __init__(self, outputs: set[str], ks: Sequence[int], num_classes: int, h: int, w: int, device: torch.device) -> None:
         b, total = len(ks), sum(ks)
+        self.ks = list(ks)
+        self.offsets = [sum(ks[:i]) for i in range(b)]  # where each image's samples start in the flat list
+        self.count = [0] * b
         needs_mean = bool(outputs & {MEAN, SAMPLE_ENTROPY, MUTUAL_INFORMATION, SAMPLE_VARIANCE})
         label_dtype = torch.uint8 if num_classes <= 256 else torch.int64
         self.labels = torch.empty(total, h, w, dtype=label_dtype, device=device) if LABELS in outputs else None
-        self.probs = torch.zeros(b, num_classes, h, w, device=device) if needs_mean else None
-        self.squares = torch.zeros(b, num_classes, h, w, device=device) if SAMPLE_VARIANCE in outputs else None
+        self.mean = torch.zeros(b, num_classes, h, w, device=device) if needs_mean else None
+        self.m2 = torch.zeros(b, num_classes, h, w, device=device) if SAMPLE_VARIANCE in outputs else None
         self.entropies = torch.zeros(b, h, w, device=device) if MUTUAL_INFORMATION in outputs else None
 
-    def add(self, start: int, rows: Tensor, probs: Tensor) -> None:
-        """``probs`` (n, C, H, W): the soft samples ``start .. start + n`` of the flat sample list,
-        ``rows`` (n,) the image each belongs to."""
+    def add(self, start: int, probs: Tensor) -> None:
+        """``probs`` (n, C, H, W): the soft samples ``start .. start + n`` of the flat, image-major list."""
+        end = start + probs.shape[0]
         if self.labels is not None:
-            self.labels[start : start + probs.shape[0]] = probs.argmax(dim=1)
-        if self.probs is not None:
-            self.probs.index_add_(0, rows, probs)
-        if self.squares is not None:
-            self.squares.index_add_(0, rows, probs * probs)
-        if self.entropies is not None:
-            self.entropies.index_add_(0, rows, entropy(probs, dim=1))
+            self.labels[start:end] = probs.argmax(dim=1)
+        if self.mean is None and self.entropies is None:
+            return
+        for image, (offset, k) in enumerate(zip(self.offsets, self.ks, strict=True)):
+            lo, hi = max(start, offset), min(end, offset + k)
+            if lo >= hi:
+                continue
+            block = probs[lo - start : hi - start]  # (n, C, H, W), this image's samples in this chunk
+            n, seen = hi - lo, self.count[image]
+            if self.mean is not None:
+                block_mean = block.mean(dim=0)
+                delta = block_mean - self.mean[image]
+                if self.m2 is not None:
+                    self.m2[image] += ((block - block_mean) ** 2).sum(dim=0) + delta * delta * (seen * n / (seen + n))
+                self.mean[image] += delta * (n / (seen + n))
+            if self.entropies is not None:
+                self.entropies[image] += entropy(block, dim=1).sum(dim=0)
+            self.count[image] = seen + n
 
 
-def _summarise(sums: _Sums, p_f: Tensor, ks: Sequence[int], outputs: set[str]) -> list[dict[str, Tensor]]:
+def _summarise(stats: _Stats, p_f: Tensor, outputs: set[str]) -> list[dict[str, Tensor]]:
     results = []
-    offset = 0
-    for i, k in enumerate(ks):
+    for i, (offset, k) in enumerate(zip(stats.offsets, stats.ks, strict=True)):
         out: dict[str, Tensor] = {}
-        if sums.labels is not None:
-            out[LABELS] = sums.labels[offset : offset + k]
+        if stats.labels is not None:
+            out[LABELS] = stats.labels[offset : offset + k]
         if P_F in outputs:
             out[P_F] = p_f[i]
         if ALEATORIC_ENTROPY in outputs:
             out[ALEATORIC_ENTROPY] = entropy(p_f[i], dim=0)
-        if sums.probs is not None:
-            mean = sums.probs[i] / k
+        if stats.mean is not None:
+            mean = stats.mean[i]
             sample_entropy = entropy(mean, dim=0)
             if MEAN in outputs:
                 out[MEAN] = mean
             if SAMPLE_ENTROPY in outputs:
                 out[SAMPLE_ENTROPY] = sample_entropy
-            if sums.entropies is not None:
+            if stats.entropies is not None:
                 # a difference of two entropies: rounding can leave it a hair below zero
-                out[MUTUAL_INFORMATION] = (sample_entropy - sums.entropies[i] / k).clamp_min(0.0)
-            if sums.squares is not None:
-                # E[p^2] - E[p]^2, the population variance; rounding can leave it a hair below zero
-                out[SAMPLE_VARIANCE] = (sums.squares[i] / k - mean * mean).clamp_min(0.0).sum(dim=0)
+                out[MUTUAL_INFORMATION] = (sample_entropy - stats.entropies[i] / k).clamp_min(0.0)
+            if stats.m2 is not None:
+                out[SAMPLE_VARIANCE] = (stats.m2[i] / k).sum(dim=0)  # the population variance, summed over classes
         results.append(out)
-        offset += k
     return results
 
 
@@ -179,12 +194,12 @@ def sample(
     with autocast:
         p_f = calibration(padded).float().softmax(dim=1)  # (B, C, Hp, Wp)
         feats = refinement.encode(padded, p_f)
-    sums = _Sums(wanted, ks, p_f.shape[1], h, w, device)
+    stats = _Stats(wanted, ks, p_f.shape[1], h, w, device)
     z = torch.cat([noise(seed, k, refinement.config.noise_dim) for seed, k in zip(seeds, ks, strict=True)]).to(device)
     rows = torch.repeat_interleave(torch.arange(len(ks), device=device), torch.tensor(list(ks), device=device))
     for start in range(0, len(rows), decode_batch):
         idx = rows[start : start + decode_batch]
         with autocast:
             logits = refinement.decode([f[idx] for f in feats], z[start : start + decode_batch])
-        sums.add(start, idx, logits.float().softmax(dim=1)[..., :h, :w])
-    return _summarise(sums, p_f[..., :h, :w], ks, wanted)
+        stats.add(start, logits.float().softmax(dim=1)[..., :h, :w])
+    return _summarise(stats, p_f[..., :h, :w], wanted)
