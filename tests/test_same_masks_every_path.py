@@ -3,6 +3,7 @@ queue, Redis with one worker, Redis with two worker processes, each batching the
 differently. The bundled default model on real LIDC crops, so the masks are not trivial."""
 
 import asyncio
+import time
 
 import httpx
 import numpy as np
@@ -39,6 +40,18 @@ def worker_jobs_done(port: int) -> float:
     return sum(float(line.split()[-1]) for line in text.splitlines() if line.startswith('carseg_jobs_total{outcome="done"}'))
 
 
+def wait_for_workers(url: str, workers: int, timeout_s: float = 60.0) -> None:
+    """Ready needs one live worker; this needs all of them, as the API's gauge counts them."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        text = httpx.get(f"{url}/metrics", timeout=5).text
+        alive = [float(line.split()[-1]) for line in text.splitlines() if line.startswith('carseg_workers_alive{model="default"}')]
+        if alive and alive[0] >= workers:
+            return
+        assert time.monotonic() < deadline, f"{workers} workers never alive: {alive}"
+        time.sleep(0.05)  # polling interval
+
+
 @pytest.fixture(scope="module")
 def local_masks(lidc_root):
     with EmbeddedServer(Settings(model_dir=REPO_MODELS, device="cpu", batch_max_delay_ms=20)) as api:
@@ -54,6 +67,7 @@ def test_redis_with_one_or_two_workers_gives_the_in_process_masks(local_masks, l
         settings = Settings(model_dir=REPO_MODELS, queue="redis", redis_url=redis_url, heartbeat_ttl_s=5.0)
         with EmbeddedServer(settings) as api:
             wait_ready(api.url, timeout=60)
+            wait_for_workers(api.url, workers)
             got = masks_from(api.url, crops(lidc_root))
             done = [worker_jobs_done(port) for port in ports]
     finally:
