@@ -1,12 +1,25 @@
 from __future__ import annotations
 
 import os
+import shutil
 
 import pytest
 import torch
 
 # Two cores here and in CI: more threads than that only adds contention between tests.
 torch.set_num_threads(min(2, os.cpu_count() or 1))
+
+
+def require_binary(name: str, package: str) -> str:
+    """The path of a program that is not a Python package. Where it is missing, CI fails (``.ci/run``
+    installs it and sets CI=true); elsewhere the test is skipped with the command that installs it."""
+    path = shutil.which(name)
+    if path is None:
+        message = f"{name} is not installed: apt-get install {package}"
+        if os.environ.get("CI"):
+            pytest.fail(f"{message} (.ci/run installs it; under CI a missing program is a failure, not a skip)")
+        pytest.skip(message)
+    return path
 
 
 @pytest.fixture(scope="session")
@@ -23,13 +36,9 @@ class RedisProcess:
     """A real redis-server on a free loopback port, owned by the test session."""
 
     def __init__(self) -> None:
-        import shutil
-
         from tests.embedded import free_port
 
-        self.binary = shutil.which("redis-server")
-        if self.binary is None:
-            pytest.fail("redis-server is not installed; .ci/run installs it (apt-get install redis-server)")
+        self.binary = require_binary("redis-server", "redis-server")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
         self.proc = None

@@ -4,28 +4,20 @@ service really exports, and a real Prometheus scraping a running service."""
 
 import json
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 
 from service.config import Settings
 from service.metrics import Metrics
+from tests.conftest import require_binary
 from tests.embedded import EmbeddedServer, free_port
 from tests.service_fixtures import grey, png, write_tiny_model
 
 REPO = Path(__file__).resolve().parents[1]
-
-
-def _tool(name):
-    path = shutil.which(name)
-    if path is None:
-        pytest.fail(f"{name} is not installed; .ci/run installs it (Debian package prometheus)")
-    return path
 
 
 def test_compose_services_and_mounts():
@@ -88,7 +80,7 @@ def test_every_image_compose_builds_runs_as_a_user_the_image_creates():
 
 
 def test_prometheus_config_passes_promtool():
-    result = subprocess.run([_tool("promtool"), "check", "config", str(REPO / "docker/prometheus/prometheus.yml")],
+    result = subprocess.run([require_binary("promtool", "prometheus"), "check", "config", str(REPO / "docker/prometheus/prometheus.yml")],
                             capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
 
@@ -126,7 +118,7 @@ def test_every_dashboard_expression_names_exported_metrics():
 
 
 def test_a_real_prometheus_scrapes_the_service_and_answers_a_latency_quantile(tmp_path):
-    binary = _tool("prometheus")
+    binary = require_binary("prometheus", "prometheus")
     write_tiny_model(tmp_path / "models", "tiny")
     with EmbeddedServer(Settings(model_dir=tmp_path / "models")) as api:
         config = tmp_path / "prometheus.yml"
