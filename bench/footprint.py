@@ -18,8 +18,6 @@ from __future__ import annotations
 import argparse
 import io
 import json
-import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -31,13 +29,8 @@ import numpy as np
 import redis
 from PIL import Image
 
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from bench.procs import REPO, carseg, free_port, redis_server, stop
 
 
 def crop_png() -> bytes:
@@ -45,16 +38,6 @@ def crop_png() -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.asarray(Image.open(path).convert("L"))).save(buf, format="PNG")
     return buf.getvalue()
-
-
-def command(repo: Path) -> list[str]:
-    """How that checkout starts its command: ``-m carseg`` where it has the package, else the old module."""
-    return [sys.executable, "-m", "carseg" if (repo / "carseg" / "__main__.py").exists() else "service.cli"]
-
-
-def spawn(repo: Path, args: list[str], env: dict[str, str]) -> subprocess.Popen:
-    return subprocess.Popen([*command(repo), *args], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), **env},
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
 
 
 def poll(url: str, status: int, timeout_s: float, proc: subprocess.Popen) -> float:
@@ -84,36 +67,17 @@ def torch_mapped(pid: int) -> bool:
     return "libtorch" in Path(f"/proc/{pid}/maps").read_text()
 
 
-def stop(procs: list[subprocess.Popen]) -> None:
-    for p in procs:
-        if p.poll() is None:
-            p.terminate()
-    for p in procs:
-        p.wait(30)
-
-
 def measure(repo: Path, runs: int, data: bytes) -> dict:
     redis_port = free_port()
-    server = subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-    url_redis = f"redis://127.0.0.1:{redis_port}/0"
-    env = {"CARSEG_REDIS_URL": url_redis, "CARSEG_MODEL_DIR": str(repo / "models"), "CARSEG_DEVICE": "cpu"}
+    server = redis_server(redis_port)
+    env = {"CARSEG_REDIS_URL": f"redis://127.0.0.1:{redis_port}/0", "CARSEG_MODEL_DIR": str(repo / "models"), "CARSEG_DEVICE": "cpu"}
     client = redis.Redis(port=redis_port)
-    deadline = time.monotonic() + 10
-    while True:
-        try:
-            client.ping()
-            break
-        except redis.ConnectionError:
-            if time.monotonic() > deadline:
-                raise
-            time.sleep(0.02)  # polling interval
     rows = []
     try:
         # bytes per job: an API and a heartbeat that takes nothing, so the job stays on the stream
         client.zadd("carseg:heartbeats:default", {"bench-idle": time.time() + 3600})
         port = free_port()
-        api = spawn(repo, ["serve", "--queue", "redis", "--port", str(port)], {**env, "CARSEG_REQUEST_TIMEOUT_S": "1"})
+        api = carseg(["serve", "--queue", "redis", "--port", str(port)], repo=repo, env={**env, "CARSEG_REQUEST_TIMEOUT_S": "1"})
         try:
             poll(f"http://127.0.0.1:{port}/health/live", 200, 120, api)
             httpx.post(f"http://127.0.0.1:{port}/v1/models/default/samples", files={"image": ("x.png", data)},
@@ -124,12 +88,12 @@ def measure(repo: Path, runs: int, data: bytes) -> dict:
         finally:
             stop([api])
         client.flushall()
-        worker = spawn(repo, ["worker", "--threads", "1"], env)
+        worker = carseg(["worker", "--threads", "1"], repo=repo, env=env)
         try:
             for _ in range(runs):
                 port = free_port()
                 t0 = time.perf_counter()
-                api = spawn(repo, ["serve", "--queue", "redis", "--port", str(port)], env)
+                api = carseg(["serve", "--queue", "redis", "--port", str(port)], repo=repo, env=env)
                 try:
                     live = poll(f"http://127.0.0.1:{port}/health/live", 200, 120, api) - t0
                     started = proc_status(api.pid)

@@ -32,7 +32,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from tests.embedded import free_port  # noqa: E402
+from bench.procs import carseg, free_port, redis_server, stop  # noqa: E402
 from training.checkpoint import load_model  # noqa: E402
 from training.data import open_dataset  # noqa: E402
 from training.sampling import LABELS, sample  # noqa: E402
@@ -109,27 +109,21 @@ async def closed_loop(url: str, data: bytes, k: int, concurrency: int, seconds: 
     }
 
 
-def _spawn(args: list[str], env_extra: dict[str, str]) -> subprocess.Popen:
-    env = {**os.environ, "PYTHONPATH": str(REPO), **env_extra}
-    return subprocess.Popen([sys.executable, "-m", "carseg", *args], cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-
-
 def start_path(path: str, model_dir: Path, device: str, budget: int) -> tuple[str, list[subprocess.Popen]]:
     """Start one service path; return its base URL and the processes to stop afterwards."""
     port = free_port()
     env = {"CARSEG_BATCH_MAX_SAMPLES": str(budget), "CARSEG_MODEL_DIR": str(model_dir), "CARSEG_DEVICE": device}
     procs: list[subprocess.Popen] = []
     if path == "local":
-        procs.append(_spawn(["serve", "--port", str(port)], env))
+        procs.append(carseg(["serve", "--port", str(port)], env, stderr=subprocess.PIPE))
     else:
         workers = int(path.removeprefix("redis"))
         redis_port = free_port()
-        procs.append(subprocess.Popen(["redis-server", "--port", str(redis_port), "--save", "", "--appendonly", "no"],
-                                      stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL))
+        procs.append(redis_server(redis_port))
         env["CARSEG_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
         threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else 1
-        procs.append(_spawn(["serve", "--port", str(port), "--queue", "redis"], env))
-        procs += [_spawn(["worker", "--threads", str(threads)], env) for _ in range(workers)]
+        procs.append(carseg(["serve", "--port", str(port), "--queue", "redis"], env, stderr=subprocess.PIPE))
+        procs += [carseg(["worker", "--threads", str(threads)], env, stderr=subprocess.PIPE) for _ in range(workers)]
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, procs)
     return url, procs
@@ -149,13 +143,6 @@ def wait_ready(url: str, procs: list[subprocess.Popen]) -> None:
         time.sleep(0.1)  # polling interval
     stop(procs)
     raise TimeoutError("service not ready in 120 s")
-
-
-def stop(procs: list[subprocess.Popen]) -> None:
-    for proc in reversed(procs):
-        proc.terminate()
-    for proc in procs:
-        proc.wait(timeout=30)
 
 
 def main() -> None:

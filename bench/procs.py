@@ -1,0 +1,53 @@
+"""Processes the benchmarks start and stop: `carseg` commands of a checkout and a redis-server,
+each on a free loopback port."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import redis
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def carseg(args: list[str], env: dict[str, str], repo: Path = REPO, stderr: int = subprocess.DEVNULL) -> subprocess.Popen:
+    """``carseg ARGS`` of the checkout ``repo``: ``-m carseg`` where it has the package, else the
+    module older checkouts had, so that a bench can measure the code before a change too."""
+    module = "carseg" if (repo / "carseg" / "__main__.py").exists() else "service.cli"
+    return subprocess.Popen([sys.executable, "-m", module, *args], cwd=repo, env={**os.environ, "PYTHONPATH": str(repo), **env},
+                            stdout=subprocess.DEVNULL, stderr=stderr)
+
+
+def redis_server(port: int) -> subprocess.Popen:
+    """A redis-server without persistence on ``port``, answering PING when this returns."""
+    proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    client, deadline = redis.Redis(port=port), time.monotonic() + 10
+    while True:
+        try:
+            client.ping()
+            return proc
+        except redis.ConnectionError:
+            if time.monotonic() > deadline:
+                stop([proc])
+                raise
+            time.sleep(0.02)  # polling interval
+
+
+def stop(procs: list[subprocess.Popen]) -> None:
+    for proc in reversed(procs):
+        if proc.poll() is None:
+            proc.terminate()
+    for proc in procs:
+        proc.wait(timeout=30)
