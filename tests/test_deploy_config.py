@@ -1,14 +1,19 @@
 """What can be checked of docker/ and docker-compose.yml without a Docker engine: the compose file's
 services and mounts, Prometheus's config (promtool), the dashboard's PromQL against the metrics the
-service really exports, and a real Prometheus scraping a running service."""
+service really exports, a real Prometheus scraping a running service, and the secure defaults:
+loopback-only ports, Grafana behind a login, Redis behind a password, API keys required, no secret
+written in the compose file (`docker compose config` checks the file itself where Compose is installed)."""
 
 import json
+import os
 import re
+import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
+import pytest
 import yaml
 
 from service.config import Settings
@@ -24,7 +29,7 @@ def test_compose_services_and_mounts():
     compose = yaml.safe_load((REPO / "docker-compose.yml").read_text())
     services = compose["services"]
     assert {"redis", "api", "worker", "worker-cpu", "prometheus", "grafana"} <= set(services)
-    assert "--appendonly" in services["redis"]["command"] and "yes" in services["redis"]["command"]
+    assert "--appendonly yes" in " ".join(services["redis"]["command"])
     gpu = services["worker"]["deploy"]["resources"]["reservations"]["devices"][0]
     assert gpu["driver"] == "nvidia" and "gpu" in gpu["capabilities"]
     assert services["worker-cpu"]["profiles"] == ["cpu"]
@@ -40,6 +45,129 @@ def test_compose_services_and_mounts():
         if build:
             dockerfile = (REPO / build["context"] / build["dockerfile"]).read_text()
             assert f"AS {build['target']}" in dockerfile
+
+
+# The variables compose must be given; each is required (${NAME:?message}) where it is used.
+SECRETS = ("REDIS_PASSWORD", "CARSEG_API_KEYS", "GRAFANA_ADMIN_PASSWORD")
+
+
+def _compose():
+    return yaml.safe_load((REPO / "docker-compose.yml").read_text())
+
+
+def _required(value, name: str) -> bool:
+    """Whether a compose value is exactly a required variable, ${NAME:?message}."""
+    return re.fullmatch(r"\$\{" + name + r":\?[^}]+\}", str(value)) is not None
+
+
+def test_every_published_port_defaults_to_loopback():
+    services = _compose()["services"]
+    published = {name: s["ports"] for name, s in services.items() if s.get("ports")}
+    assert {"api", "prometheus", "grafana"} <= set(published)
+    for name, ports in published.items():
+        for port in ports:
+            assert isinstance(port, str), f"{name}: write ports as strings with an explicit address: {port}"
+            assert port.startswith(("${CARSEG_BIND_ADDRESS:-127.0.0.1}:", "127.0.0.1:")), f"{name} publishes {port} on all interfaces"
+    # Prometheus has no login: the bind-address switch must not expose it.
+    assert all(p.startswith("127.0.0.1:") for p in published["prometheus"])
+    for name in ("worker", "worker-cpu", "redis"):
+        assert not services[name].get("ports"), f"{name} has no auth to publish behind"
+
+
+def test_grafana_requires_a_login_with_a_password_from_the_environment():
+    env = _compose()["services"]["grafana"]["environment"]
+    assert env["GF_AUTH_ANONYMOUS_ENABLED"] == "false"
+    assert env["GF_USERS_ALLOW_SIGN_UP"] == "false"
+    assert "GF_AUTH_ANONYMOUS_ORG_ROLE" not in env
+    if "GF_SECURITY_ADMIN_PASSWORD__FILE" in env:
+        assert env["GF_SECURITY_ADMIN_PASSWORD__FILE"].startswith("/run/secrets/")
+    else:
+        assert _required(env["GF_SECURITY_ADMIN_PASSWORD"], "GRAFANA_ADMIN_PASSWORD")
+
+
+def test_redis_requires_a_password_from_the_environment_and_keeps_aof():
+    services = _compose()["services"]
+    redis = services["redis"]
+    assert _required(redis["environment"]["REDIS_PASSWORD"], "REDIS_PASSWORD")
+    shell, flag, script = redis["command"]
+    assert (shell, flag) == ("sh", "-c")
+    assert re.search(r'--requirepass "\$\$REDIS_PASSWORD"', script)
+    assert "--appendonly yes" in script
+    # The image's entrypoint drops root only for a command starting with redis-server.
+    assert script.startswith("exec docker-entrypoint.sh redis-server ")
+    check = " ".join(redis["healthcheck"]["test"])
+    assert '-a "$$REDIS_PASSWORD"' in check and "grep -q PONG" in check  # redis-cli exits 0 on NOAUTH
+    for name in ("api", "worker", "worker-cpu"):
+        url = services[name]["environment"]["CARSEG_REDIS_URL"]
+        assert re.fullmatch(r"redis://:\$\{REDIS_PASSWORD(:\?[^}]+)?\}@redis:6379/\d+", url), f"{name}: {url}"
+
+
+def test_the_api_gets_its_keys_from_a_required_variable_and_metrics_stay_scrapable():
+    api = _compose()["services"]["api"]
+    assert "0.0.0.0" in api["command"]  # why keys are required at all
+    assert _required(api["environment"]["CARSEG_API_KEYS"], "CARSEG_API_KEYS")
+    # Prometheus scrapes without a key; it is itself reachable on 127.0.0.1 only.
+    assert str(api["environment"].get("CARSEG_METRICS_REQUIRE_KEY", "false")).lower() == "false"
+    for name in ("worker", "worker-cpu"):  # workers take jobs from Redis, never requests: no keys
+        assert "CARSEG_API_KEYS" not in _compose()["services"][name]["environment"]
+
+
+def test_no_literal_secret_in_the_compose_file():
+    text = (REPO / "docker-compose.yml").read_text()
+    assert not re.search(r"(?i)password=(?!\$)", text), "a password= with a literal value"
+    assert not re.search(r"requirepass\s+(?!\\?[\"']?\$)", text), "requirepass with a literal value"
+    assert not re.search(r"redis://[^:/@\s]*:(?!\$)[^@\s]+@", text), "a literal password in a Redis URL"
+    secretish = re.compile(r"(?i)(password|secret|token|api_keys)(?!__file)")
+    for name, service in _compose()["services"].items():
+        env = service.get("environment", {})
+        assert isinstance(env, dict), f"{name}: write environment as a mapping"
+        for key, value in env.items():
+            if secretish.search(key):
+                assert re.fullmatch(r"\$\{[A-Z_]+:\?[^}]+\}", str(value)), f"{name}: {key} is not a required variable"
+
+
+def test_env_example_names_every_required_variable_left_empty_and_env_is_ignored():
+    required = set(re.findall(r"\$\{([A-Z_]+):\?", (REPO / "docker-compose.yml").read_text()))
+    assert required == set(SECRETS)
+    text = (REPO / ".env.example").read_text()
+    example = dict(line.split("=", 1) for line in text.splitlines() if line.strip() and not line.startswith("#"))
+    assert required | {"CARSEG_BIND_ADDRESS"} <= set(example)
+    for name in required:  # empty, so `:?` refuses a copied example instead of running on known secrets
+        assert example[name] == "", f"{name} has a value in .env.example"
+        assert re.search(rf"^# e\.g\. {name}=.*change-me", text, re.M), f"{name} has no placeholder comment"
+    assert example["CARSEG_BIND_ADDRESS"] == "127.0.0.1"
+    assert ".env" in (REPO / ".gitignore").read_text().splitlines()
+
+
+def _docker_compose() -> list[str]:
+    """The Compose v2 command line; skipped where Docker or its compose plugin is not installed
+    (`config` reads files only, so no daemon is needed)."""
+    docker = shutil.which("docker")
+    if docker is None:
+        pytest.skip("docker is not installed")
+    if subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
+        pytest.skip("docker compose (the v2 plugin) is not installed")
+    return [docker, "compose", "--project-directory", str(REPO), "-f", str(REPO / "docker-compose.yml")]
+
+
+def test_docker_compose_accepts_the_file_only_with_every_secret_set(tmp_path):
+    compose = _docker_compose()
+    empty = tmp_path / "empty.env"  # so a developer's own .env cannot stand in for the variables
+    empty.write_text("")
+    base = {k: v for k, v in os.environ.items() if k not in SECRETS and k != "CARSEG_BIND_ADDRESS"}
+    values = {"REDIS_PASSWORD": "0123abcd", "CARSEG_API_KEYS": "k1,sha256:" + "0" * 64, "GRAFANA_ADMIN_PASSWORD": "g"}
+    ok = subprocess.run([*compose, "--env-file", str(empty), "config", "--format", "json"],
+                        env={**base, **values}, capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0, ok.stderr
+    rendered = json.loads(ok.stdout)
+    for name, service in rendered["services"].items():
+        for port in service.get("ports", []):
+            assert port.get("host_ip") == "127.0.0.1", f"{name} publishes {port}"
+    for missing in SECRETS:
+        env = {**base, **{k: v for k, v in values.items() if k != missing}}
+        refused = subprocess.run([*compose, "--env-file", str(empty), "config", "-q"],
+                                 env=env, capture_output=True, text=True, timeout=60)
+        assert refused.returncode != 0 and missing in refused.stderr, f"compose accepted the file without {missing}"
 
 
 def _stages(dockerfile: str) -> dict[str, tuple[str, list[str]]]:
