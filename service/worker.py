@@ -13,7 +13,7 @@ import uuid
 import redis
 import torch
 
-from service.config import Settings
+from service.config import Settings, masked_url
 from service.metrics import Metrics
 from service.queue.redis_consumer import RedisConsumer
 from service.queue.redis_heartbeat import Heartbeat
@@ -67,5 +67,5 @@ def serve_worker(settings: Settings, device: torch.device, models: list[str] | N
     worker = Worker(settings, ModelRegistry(settings.model_dir), device, models, metrics)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: worker.stop())
-    log.info("worker %s serving %s on %s from %s", worker.name, worker.models, device, settings.redis_url)
+    log.info("worker %s serving %s on %s from %s", worker.name, worker.models, device, masked_url(settings.redis_url))
     worker.run()

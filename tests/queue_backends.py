@@ -73,7 +73,7 @@ async def ready(queue: JobQueue, models: list[str]) -> bool:
 async def open_backend(kind: str, model_dir, redis_url: str | None = None, consumer: bool = True, **overrides):
     settings = Settings(
         model_dir=model_dir, queue=kind, redis_url=redis_url or "redis://127.0.0.1:1/0", visibility_timeout_s=2.0,
-        heartbeat_interval_s=0.2, worker_block_ms=50, device="cpu", **overrides,
+        heartbeat_interval_s=0.2, heartbeat_ttl_s=1.0, worker_block_ms=50, device="cpu", **overrides,
     )
     metrics, registry = Metrics(), ModelRegistry(model_dir)
     worker, thread = None, None

@@ -21,7 +21,7 @@ from tests.embedded import EmbeddedServer, wait_ready
 from tests.queue_backends import fake_heartbeat, make_job, worker_process
 from tests.service_fixtures import grey, png, write_tiny_model
 
-FAST = {"visibility_timeout_s": 2.0, "heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 2.0, "worker_block_ms": 50}
+FAST = {"visibility_timeout_s": 2.0, "heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 1.0, "worker_block_ms": 50}
 
 
 @pytest.fixture(scope="module")
@@ -71,7 +71,7 @@ def test_http_through_redis_to_a_worker_and_readiness_follows_the_worker(model_d
 
 
 def test_deadline_and_backlog_map_to_504_and_503(model_dir, redis_url):
-    settings = settings_for(model_dir, redis_url, request_timeout_s=0.5, max_queued_jobs=1)
+    settings = settings_for(model_dir, redis_url, request_timeout_s=0.5, max_queued_jobs=1, visibility_timeout_s=0.45, heartbeat_ttl_s=0.4, heartbeat_interval_s=0.1)
     fake_heartbeat(redis_url, settings)
     with EmbeddedServer(settings) as api:
         stream = redis.Redis.from_url(redis_url)
@@ -103,7 +103,7 @@ def test_worker_skips_expired_jobs(model_dir, redis_url):
 
 
 def test_poison_job_goes_to_dead_letter_and_the_others_are_fine(model_dir, redis_url):
-    settings = settings_for(model_dir, redis_url, visibility_timeout_s=0.5, max_deliveries=2)
+    settings = settings_for(model_dir, redis_url, visibility_timeout_s=1.2, max_deliveries=2)
     keys = Keys("carseg")
     client = redis.Redis.from_url(redis_url)
     with EmbeddedServer(settings) as api, WorkerThread(settings) as worker:

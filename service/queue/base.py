@@ -20,6 +20,10 @@ class JobQueue(Protocol):
     async def stop(self) -> None:
         """Stop taking jobs and release resources."""
 
+    async def admit(self, model: str, deadline: float) -> None:
+        """Raise QueueFull or Unavailable if a job for ``model`` would not be taken now: checked
+        before the request body is read, so a refused request costs no upload or decode."""
+
     async def submit(self, job: Job) -> JobResult:
         """Queue a job and wait for its result. Raises QueueFull, Unavailable, DeadlineExceeded or InferenceFailed."""
 

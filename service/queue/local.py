@@ -78,9 +78,12 @@ class LocalQueue:
     async def observe(self) -> None:
         self.metrics.queue_depth.labels("all").set(self._queue.qsize())
 
-    async def submit(self, job: Job) -> JobResult:
+    async def admit(self, model: str, deadline: float) -> None:
         if self._queue.qsize() >= self.max_jobs:
             raise QueueFull(f"{self._queue.qsize()} jobs are waiting; retry shortly")
+
+    async def submit(self, job: Job) -> JobResult:
+        await self.admit(job.model, job.deadline)  # checked again: others may have queued since
         loop = asyncio.get_running_loop()
         delivery = LocalDelivery(job, loop.create_future(), loop)
         self._queue.put(delivery)

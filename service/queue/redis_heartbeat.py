@@ -54,5 +54,5 @@ class Heartbeat:
             try:
                 self.beat()
             except redis.RedisError as exc:
-                log.warning("heartbeat failed: %s", exc)
+                log.warning("heartbeat failed (%s)", type(exc).__name__)
             self._stop.wait(self.settings.heartbeat_interval_s)
