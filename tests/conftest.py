@@ -35,12 +35,15 @@ def lidc_root():
 class RedisProcess:
     """A real redis-server on a free loopback port, owned by the test session."""
 
-    def __init__(self) -> None:
+    def __init__(self, aof_dir: str | None = None) -> None:
+        """``aof_dir``: keep an append-only file there (fsync every second), as compose runs Redis,
+        so that a restart keeps the streams; else nothing is kept."""
         from tests.embedded import free_port
 
         self.binary = require_binary("redis-server", "redis-server")
         self.port = free_port()
         self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.aof_dir = aof_dir
         self.proc = None
 
     def start(self) -> RedisProcess:
@@ -49,8 +52,9 @@ class RedisProcess:
 
         import redis
 
+        persistence = ["--appendonly", "yes", "--appendfsync", "everysec", "--dir", self.aof_dir] if self.aof_dir else ["--appendonly", "no"]
         self.proc = subprocess.Popen(
-            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"],
+            [self.binary, "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", *persistence],
             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
         )
         client = redis.Redis(port=self.port)
@@ -59,7 +63,7 @@ class RedisProcess:
             try:
                 if client.ping():
                     return self
-            except redis.ConnectionError:
+            except redis.ConnectionError:  # also while it loads its append-only file (BusyLoadingError)
                 time.sleep(0.02)  # polling interval
         raise TimeoutError("redis-server did not answer PING within 10 s")
 
