@@ -13,7 +13,7 @@ bytes per image) plus a few (C, H, W) maps, whatever k is.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Sequence
+from collections.abc import Callable, Collection, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
 
@@ -69,6 +69,38 @@ class Networks:
         """Images of one shape, (H, W, C) as stored (uint8, uint16 or float in [0, 1]) -> the
         normalised batch (B, C, H, W) on the networks' device."""
         return torch.from_numpy(np.stack([self.normalisation.apply(image) for image in images])).to(self.device)
+
+
+class Stopped(Exception):
+    """``sample`` was told to stop between two decoder chunks."""
+
+
+@dataclass(frozen=True)
+class MemoryModel:
+    """Bytes per pixel a sampler call holds, estimated from G's widths and the class count, in
+    float32: what an image keeps while its samples are decoded (G's encoder features, p_F, the
+    running statistics) and what each sample decoded at once adds (the decoder's activations at full
+    resolution, about eight maps of widths[0] channels, and the soft sample). Measured on the default
+    model (widths 16, 2 classes) on a CPU, peak RSS over the call: 190 to 460 bytes per pixel per
+    image and 511 to 540 per sample, against the estimates 432 and 672; a 256 x 256 k=64 call under
+    a 400 MB budget peaked at 430 MB with 544 per sample, hence the margin."""
+
+    per_image: int
+    per_sample: int
+
+    @classmethod
+    def of(cls, networks: Networks) -> MemoryModel:
+        width, classes = networks.refinement.config.widths[0], networks.refinement.config.num_classes
+        return cls(per_image=4 * (6 * width + 6 * classes), per_sample=4 * (10 * width + 4 * classes))
+
+    def fixed(self, pixels: int, k: int) -> int:
+        """An image's share that does not shrink with the chunk: its maps and its k label maps."""
+        return pixels * (self.per_image + k)
+
+    def chunk(self, pixels: int, ks: Sequence[int], budget: int) -> int:
+        """How many samples of images of ``pixels`` pixels fit the budget at once (at least one)."""
+        room = budget - sum(self.fixed(pixels, k) for k in ks)
+        return max(1, room // (self.per_sample * pixels))
 
 
 def entropy(probs: Tensor, dim: int) -> Tensor:
@@ -170,12 +202,16 @@ def sample(
     outputs: Collection[str] = OUTPUTS,
     decode_batch: int = 64,
     amp: bool = False,
+    memory_budget: int | None = None,
+    should_stop: Callable[[], bool] | None = None,
 ) -> list[dict[str, Tensor]]:
     """``images`` (B, C_in, H, W), normalised, any H, W (padded to the nets' stride and cropped
     back); ``ks`` and ``seeds`` one per image. Returns, per image, the ``outputs`` asked for (names in
     ``OUTPUTS``), on the images' device, probabilities and maps in float32. ``decode_batch`` caps
-    how many samples G decodes at once; ``amp`` runs the nets in float16 autocast (CUDA only: on a
-    CPU, bf16 autocast made the U-Nets ~70x slower)."""
+    how many samples G decodes at once, and ``memory_budget`` (bytes) caps it further by what fits;
+    ``should_stop`` is asked before each chunk after the first and raises ``Stopped`` when true;
+    ``amp`` runs the nets in float16 autocast (CUDA only: on a CPU, bf16 autocast made the U-Nets
+    ~70x slower)."""
     if images.ndim != 4:
         raise ValueError(f"images must be (B, C, H, W), got shape {tuple(images.shape)}")
     if not len(ks) == len(seeds) == images.shape[0]:
@@ -197,9 +233,14 @@ def sample(
     stats = _Stats(wanted, ks, p_f.shape[1], h, w, device)
     z = torch.cat([noise(seed, k, refinement.config.noise_dim) for seed, k in zip(seeds, ks, strict=True)]).to(device)
     rows = torch.repeat_interleave(torch.arange(len(ks), device=device), torch.tensor(list(ks), device=device))
-    for start in range(0, len(rows), decode_batch):
-        idx = rows[start : start + decode_batch]
+    chunk = decode_batch
+    if memory_budget is not None:
+        chunk = min(chunk, MemoryModel.of(networks).chunk(padded.shape[-2] * padded.shape[-1], ks, memory_budget))
+    for start in range(0, len(rows), chunk):
+        if start and should_stop is not None and should_stop():
+            raise Stopped(f"stopped after {start} of {len(rows)} samples")
+        idx = rows[start : start + chunk]
         with autocast:
-            logits = refinement.decode([f[idx] for f in feats], z[start : start + decode_batch])
+            logits = refinement.decode([f[idx] for f in feats], z[start : start + chunk])
         stats.add(start, logits.float().softmax(dim=1)[..., :h, :w])
     return _summarise(stats, p_f[..., :h, :w], wanted)

@@ -23,6 +23,8 @@ class Limits:
     max_bytes: int
     max_side: int
     max_pixels: int
+    max_pixel_samples: int  # height x width x k: what a request costs
+    k: int = 1  # the samples this request asks for
 
 
 def sniff(data: bytes) -> str:
@@ -42,6 +44,12 @@ def _check_size(height: int, width: int, limits: Limits) -> None:
     if height > limits.max_side or width > limits.max_side or height * width > limits.max_pixels:
         raise PayloadTooLarge(
             f"{height} x {width} pixels exceeds the limit ({limits.max_side} per side, {limits.max_pixels} in all)"
+        )
+    if height * width * limits.k > limits.max_pixel_samples:
+        raise PayloadTooLarge(
+            f"{height} x {width} pixels x k={limits.k} samples is {height * width * limits.k} pixel-samples, over the limit of "
+            f"{limits.max_pixel_samples}: ask for fewer samples (at most {max(1, limits.max_pixel_samples // (height * width))} "
+            "at this size) or send a smaller image"
         )
 
 

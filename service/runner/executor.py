@@ -1,5 +1,7 @@
-"""Execute one batch: drop what nobody waits for, group by model and shape, run the sampler once
-per group, and answer each job with exactly the outputs it asked for."""
+"""Execute one batch: drop what nobody waits for, group by model and shape, split each group so
+that its sampler call fits the memory budget, run the sampler once per part, and answer each job
+with exactly the outputs it asked for. A part whose every job has expired or been abandoned stops
+between decoder chunks."""
 
 from __future__ import annotations
 
@@ -14,14 +16,14 @@ from service.jobs import JobResult, Output
 from service.metrics import Metrics
 from service.queue.base import Delivery
 from service.runner.models import ModelPool
-from training.sampling import sample
+from training.sampling import MemoryModel, Stopped, sample
 
 log = logging.getLogger(__name__)
 
 
 class Executor:
-    def __init__(self, models: ModelPool, metrics: Metrics, decode_batch: int) -> None:
-        self.models, self.metrics, self.decode_batch = models, metrics, decode_batch
+    def __init__(self, models: ModelPool, metrics: Metrics, decode_batch: int, memory_budget: int) -> None:
+        self.models, self.metrics, self.decode_batch, self.memory_budget = models, metrics, decode_batch, memory_budget
 
     def execute(self, batch: list[Delivery]) -> None:
         live = self._live(batch)
@@ -33,7 +35,25 @@ class Executor:
         for delivery in live:
             groups[delivery.job.group_key].append(delivery)
         for group in groups.values():
-            self._run(group)
+            for part in self._fit(group):
+                self._run(part)
+
+    def _fit(self, group: list[Delivery]) -> list[list[Delivery]]:
+        """Consecutive parts of a group of one model and shape whose images, with one sample each
+        decoded at once, fit the memory budget (a part has at least one job)."""
+        first = group[0].job
+        memory = MemoryModel.of(self.models.get(first.model, first.version).networks)
+        pixels = first.image.shape[0] * first.image.shape[1]
+        parts: list[list[Delivery]] = [[]]
+        used = memory.per_sample * pixels
+        for delivery in group:
+            cost = memory.fixed(pixels, delivery.job.k)
+            if parts[-1] and used + cost > self.memory_budget:
+                parts.append([])
+                used = memory.per_sample * pixels
+            parts[-1].append(delivery)
+            used += cost
+        return parts
 
     def _live(self, batch: list[Delivery]) -> list[Delivery]:
         now = time.time()
@@ -52,6 +72,14 @@ class Executor:
         started = time.time()
         try:
             arrays = self._compute(group)
+        except Stopped:
+            for delivery in group:
+                if delivery.wanted():
+                    self.metrics.count("expired")
+                    delivery.reject(DeadlineExceeded("the deadline passed while the job was computed; it was stopped"))
+                else:
+                    self.metrics.count("abandoned")
+            return
         except Exception:
             if len(group) > 1:  # find the job that fails, so that the others are not failed with it
                 for delivery in group:
@@ -76,8 +104,14 @@ class Executor:
         jobs = [d.job for d in group]
         networks = self.models.get(jobs[0].model, jobs[0].version).networks
         wanted = set().union(*(job.outputs for job in jobs))
+
+        def nobody_waits() -> bool:
+            now = time.time()
+            return all(d.job.deadline <= now or not d.wanted() for d in group)
+
         out = sample(
             networks, networks.prepare([job.image for job in jobs]), [job.k for job in jobs], [job.seed for job in jobs],
             outputs=wanted, decode_batch=self.decode_batch, amp=networks.device.type == "cuda",
+            memory_budget=self.memory_budget, should_stop=nobody_waits,
         )
         return [{name: out[i][name].cpu().numpy() for name in job.outputs} for i, job in enumerate(jobs)]

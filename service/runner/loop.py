@@ -61,4 +61,5 @@ class RunnerThread:
 def build_runner(source: JobSource, models: ModelPool, metrics: Metrics, settings: Settings, idle_timeout_s: float) -> Runner:
     """The one runner both transports use, with the batch budget and delay of ``settings``."""
     collector = BatchCollector(source, settings.batch_max_samples, settings.batch_max_delay_ms / 1000, typical_k=settings.default_k)
-    return Runner(collector, Executor(models, metrics, settings.decode_batch), idle_timeout_s)
+    executor = Executor(models, metrics, settings.decode_batch, settings.sampler_memory_mb * 2**20)
+    return Runner(collector, executor, idle_timeout_s)

@@ -1,0 +1,129 @@
+"""A request's memory is bounded as pixels x k: the sampler decodes as many samples at once as its
+budget holds, the executor splits a batch group to fit it, and a job nobody waits for stops
+between chunks. Peak memory is measured as the peak RSS of a fresh process."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import textwrap
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from service.errors import DeadlineExceeded
+from service.metrics import Metrics
+from service.registry import ModelRegistry
+from service.runner.executor import Executor
+from service.runner.models import ModelPool
+from tests.queue_backends import REPO, make_job
+from tests.service_fixtures import write_tiny_model
+from training.checkpoint import load_model
+from training.sampling import LABELS, MemoryModel, Stopped, sample
+
+PROBE = textwrap.dedent("""
+    import json, resource, sys
+    import numpy as np, torch
+    from training.checkpoint import load_model
+    from training.sampling import OUTPUTS, sample
+    torch.set_num_threads(1)
+    side, k, budget = int(sys.argv[1]), int(sys.argv[2]), int(sys.argv[3])
+    networks = load_model("models/default", "cpu").networks
+    sample(networks, networks.prepare([np.zeros((32, 32, 1), np.uint8)]), [2], [0])  # warm up
+    image = networks.prepare([np.random.default_rng(0).integers(0, 256, (side, side, 1), dtype=np.uint8)])
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    sample(networks, image, [k], [0], outputs=OUTPUTS, memory_budget=budget)
+    print(json.dumps({"peak_growth": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024}))
+""")
+
+
+def peak_growth(side: int, k: int, budget: int) -> int:
+    out = subprocess.run([sys.executable, "-c", PROBE, str(side), str(k), str(budget)], cwd=REPO, capture_output=True, text=True,
+                         timeout=300, check=True, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
+    return int(json.loads(out.stdout.splitlines()[-1])["peak_growth"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("side", "k", "budget_mb"), [(512, 8, 300), (256, 48, 300)])
+def test_peak_memory_stays_under_the_budget(side, k, budget_mb):
+    growth = peak_growth(side, k, budget_mb * 2**20)
+    print(f"\n{side} x {side}, k={k}, budget {budget_mb} MB: peak RSS grew {growth / 2**20:.0f} MB")
+    assert growth <= budget_mb * 2**20
+    # and without the budget (every sample at once) the same call needs several times more
+    assert MemoryModel.of(load_model(REPO / "models" / "default").networks).per_sample * side * side * k > 2 * budget_mb * 2**20
+
+
+def test_the_budget_sets_the_chunk_and_the_samples_do_not_depend_on_it():
+    networks = load_model(REPO / "models" / "default").networks
+    memory = MemoryModel.of(networks)
+    assert memory.chunk(64 * 64, [8], budget=1) == 1  # at least one sample at a time, whatever the budget
+    assert memory.chunk(64 * 64, [8], budget=memory.fixed(64 * 64, 8) + 3 * memory.per_sample * 64 * 64) == 3
+    image = networks.prepare([np.random.default_rng(1).integers(0, 256, (64, 64, 1), dtype=np.uint8)])
+    whole = sample(networks, image, [6], [3], outputs=[LABELS])[0][LABELS]
+    chunked = sample(networks, image, [6], [3], outputs=[LABELS], memory_budget=1)[0][LABELS]
+    assert torch.equal(whole, chunked)
+
+
+def test_stop_is_asked_between_chunks():
+    networks = load_model(REPO / "models" / "default").networks
+    image = networks.prepare([np.zeros((32, 32, 1), np.uint8)])
+    asked = []
+
+    def stop() -> bool:
+        asked.append(True)
+        return len(asked) >= 3
+
+    with pytest.raises(Stopped, match="after 3 of 10"):
+        sample(networks, image, [10], [0], memory_budget=1, should_stop=stop)
+
+
+class _Delivery:
+    def __init__(self, job):
+        self.job, self.answers, self.errors = job, [], []
+
+    def wanted(self):
+        return True
+
+    def answer(self, result):
+        self.answers.append(result)
+
+    def reject(self, error):
+        self.errors.append(error)
+
+    def failed(self, error):
+        self.errors.append(error)
+
+
+def test_a_job_whose_deadline_passes_mid_compute_stops_and_is_answered_504(tmp_path):
+    write_tiny_model(tmp_path, "tiny")
+    pool = ModelPool(ModelRegistry(tmp_path), torch.device("cpu"))
+    pool.load_latest(["tiny"])
+    metrics = Metrics()
+    executor = Executor(pool, metrics, decode_batch=64, memory_budget=1)  # one sample per chunk
+    slow = _Delivery(make_job(k=64, side=256, timeout_s=0.3))
+    started = time.monotonic()
+    executor.execute([slow])
+    elapsed = time.monotonic() - started
+    assert not slow.answers and isinstance(slow.errors[0], DeadlineExceeded)
+    assert metrics.counts["expired"] == 1
+    fast = _Delivery(make_job(k=64, side=256, timeout_s=60))
+    started = time.monotonic()
+    executor.execute([fast])
+    assert fast.answers and elapsed < (time.monotonic() - started) / 2  # it stopped well before all 64 samples
+
+
+def test_a_group_is_split_to_fit_the_budget(tmp_path):
+    write_tiny_model(tmp_path, "tiny")
+    pool = ModelPool(ModelRegistry(tmp_path), torch.device("cpu"))
+    pool.load_latest(["tiny"])
+    memory = MemoryModel.of(pool.get("tiny", "1").networks)
+    pixels = 64 * 64
+    budget = memory.per_sample * pixels + 2 * memory.fixed(pixels, 4)  # two images of k=4 per call
+    executor = Executor(pool, Metrics(), decode_batch=64, memory_budget=budget)
+    deliveries = [_Delivery(make_job(k=4, side=64, seed=i)) for i in range(5)]
+    assert [len(part) for part in executor._fit(deliveries)] == [2, 2, 1]
+    executor.execute(deliveries)
+    assert all(len(d.answers) == 1 and d.answers[0].batch_jobs <= 2 for d in deliveries)
