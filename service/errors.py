@@ -34,6 +34,24 @@ class NotAcceptable(ServiceError):
     status, reason = 406, "not_acceptable"
 
 
+class Unauthorized(ServiceError):
+    status, reason = 401, "unauthorized"
+
+    def __init__(self, detail: str) -> None:
+        super().__init__(detail)
+        self.headers = {"WWW-Authenticate": 'Bearer realm="carseg"'}
+
+
+class RateLimited(ServiceError):
+    """This caller sent more than its rate, or has too many requests in flight; it may retry."""
+
+    status, reason = 429, "rate_limited"
+
+    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
+        super().__init__(detail)
+        self.headers = {"Retry-After": str(retry_after_s)}
+
+
 class InvalidParameter(ServiceError):
     status, reason = 422, "invalid_parameter"
 

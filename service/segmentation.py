@@ -1,9 +1,13 @@
-"""The one domain call behind the inference routes: image bytes + parameters -> a job result."""
+"""The one domain call behind the inference routes: image bytes + parameters -> a job result, in
+the order that makes a refused request cheap: the model and the queue's room first (``admit``,
+before the body is read), then k, seed and the image's size and cost from its header, then the
+pixels, decoded in a worker thread so that the event loop keeps serving."""
 
 from __future__ import annotations
 
+import asyncio
+import dataclasses
 import secrets
-import time
 from dataclasses import dataclass
 
 from service.codecs.images import Limits, decode_image
@@ -28,7 +32,7 @@ class Segmentation:
 class Segmenter:
     def __init__(self, settings: Settings, registry: ModelRegistry, queue: JobQueue) -> None:
         self.settings, self.registry, self.queue = settings, registry, queue
-        self.limits = Limits(settings.max_upload_bytes, settings.max_side, settings.max_pixels)
+        self.limits = Limits(settings.max_upload_bytes, settings.max_side, settings.max_pixels, settings.max_pixel_samples)
 
     def check_k(self, k: int | None) -> int:
         k = self.settings.default_k if k is None else k
@@ -36,16 +40,23 @@ class Segmenter:
             raise InvalidParameter(f"k must be between 1 and {self.settings.max_k}, got {k}")
         return k
 
-    async def segment(
-        self, model: str, version: str | None, data: bytes, k: int | None, seed: int | None, outputs: frozenset[Output],
-    ) -> Segmentation:
-        """Decode and check the image, queue a job for ``outputs`` and wait for its result."""
+    async def admit(self, model: str, version: str | None, deadline: float) -> ModelEntry:
+        """The model asked for, if it exists and its queue takes a job now (before the body is read)."""
         entry = self.registry.get(model, version)
+        await self.queue.admit(entry.name, deadline)
+        return entry
+
+    async def segment(
+        self, entry: ModelEntry, data: bytes, k: int | None, seed: int | None, outputs: frozenset[Output], deadline: float,
+    ) -> Segmentation:
+        """Check the parameters, decode the image, queue a job for ``outputs`` and wait for its result."""
         k = self.check_k(k)
         if seed is not None and not 0 <= seed <= SEED_MAX:
             raise InvalidParameter(f"seed must be between 0 and {SEED_MAX}, got {seed}")
         seed = secrets.randbelow(2**31) if seed is None else seed
-        image = decode_image(data, self.limits, entry.in_channels)
-        job = Job(entry.name, entry.version, image, k, seed, deadline=time.time() + self.settings.request_timeout_s, outputs=outputs)
+        limits = dataclasses.replace(self.limits, k=k)
+        image = await asyncio.to_thread(decode_image, data, limits, entry.in_channels)
+        del data  # the file's bytes are not needed beside its pixels
+        job = Job(entry.name, entry.version, image, k, seed, deadline=deadline, outputs=outputs)
         result = await self.queue.submit(job)
         return Segmentation(entry, k, seed, result)

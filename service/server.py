@@ -43,6 +43,11 @@ def build_app(settings: Settings | None = None) -> FastAPI:
 
 
 def serve(settings: Settings) -> None:
+    """Serve HTTP; refuses a non-loopback address when no API key is configured."""
     import uvicorn
 
-    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_level="info")
+    from service.api.auth import ApiKeys, check_bind
+
+    check_bind(settings, ApiKeys.from_settings(settings))
+    # logging stays as carseg configured it (JSON lines, no access log with raw paths)
+    uvicorn.run(build_app(settings), host=settings.host, port=settings.port, log_config=None, access_log=False)

@@ -5,15 +5,12 @@ loopback-only ports, Grafana behind a login, Redis behind a password, API keys r
 written in the compose file (`docker compose config` checks the file itself where Compose is installed)."""
 
 import json
-import os
 import re
-import shutil
 import subprocess
 import time
 from pathlib import Path
 
 import httpx
-import pytest
 import yaml
 
 from service.config import Settings
@@ -137,37 +134,6 @@ def test_env_example_names_every_required_variable_left_empty_and_env_is_ignored
         assert re.search(rf"^# e\.g\. {name}=.*change-me", text, re.M), f"{name} has no placeholder comment"
     assert example["CARSEG_BIND_ADDRESS"] == "127.0.0.1"
     assert ".env" in (REPO / ".gitignore").read_text().splitlines()
-
-
-def _docker_compose() -> list[str]:
-    """The Compose v2 command line; skipped where Docker or its compose plugin is not installed
-    (`config` reads files only, so no daemon is needed)."""
-    docker = shutil.which("docker")
-    if docker is None:
-        pytest.skip("docker is not installed")
-    if subprocess.run([docker, "compose", "version"], capture_output=True).returncode != 0:
-        pytest.skip("docker compose (the v2 plugin) is not installed")
-    return [docker, "compose", "--project-directory", str(REPO), "-f", str(REPO / "docker-compose.yml")]
-
-
-def test_docker_compose_accepts_the_file_only_with_every_secret_set(tmp_path):
-    compose = _docker_compose()
-    empty = tmp_path / "empty.env"  # so a developer's own .env cannot stand in for the variables
-    empty.write_text("")
-    base = {k: v for k, v in os.environ.items() if k not in SECRETS and k != "CARSEG_BIND_ADDRESS"}
-    values = {"REDIS_PASSWORD": "0123abcd", "CARSEG_API_KEYS": "k1,sha256:" + "0" * 64, "GRAFANA_ADMIN_PASSWORD": "g"}
-    ok = subprocess.run([*compose, "--env-file", str(empty), "config", "--format", "json"],
-                        env={**base, **values}, capture_output=True, text=True, timeout=60)
-    assert ok.returncode == 0, ok.stderr
-    rendered = json.loads(ok.stdout)
-    for name, service in rendered["services"].items():
-        for port in service.get("ports", []):
-            assert port.get("host_ip") == "127.0.0.1", f"{name} publishes {port}"
-    for missing in SECRETS:
-        env = {**base, **{k: v for k, v in values.items() if k != missing}}
-        refused = subprocess.run([*compose, "--env-file", str(empty), "config", "-q"],
-                                 env=env, capture_output=True, text=True, timeout=60)
-        assert refused.returncode != 0 and missing in refused.stderr, f"compose accepted the file without {missing}"
 
 
 def _stages(dockerfile: str) -> dict[str, tuple[str, list[str]]]:

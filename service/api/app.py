@@ -6,20 +6,25 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
+from fastapi.middleware.cors import CORSMiddleware
+from fastapi.openapi.utils import get_openapi
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from service.api.middleware import BodyLimit, RequestMetrics
+from service.api.admission import Admission
+from service.api.auth import ApiKeys
+from service.api.middleware import BodyLimit, RequestLog
 from service.api.routes import health, inference, models
 from service.config import Settings
 from service.errors import ServiceError
 from service.metrics import Metrics
 from service.queue import JobQueue
 from service.registry import ModelRegistry
-from service.segmentation import Segmenter
+from service.segmentation import SEED_MAX, Segmenter
 
 log = logging.getLogger(__name__)
 
@@ -28,11 +33,37 @@ QueueFactory = Callable[[Settings, ModelRegistry, Metrics], JobQueue]
 
 def _error(request: Request, exc: ServiceError) -> JSONResponse:
     request.app.state.metrics.errors.labels(exc.reason).inc()
+    request.state.job = {**getattr(request.state, "job", {}), "error": exc.reason}
     return JSONResponse({"error": exc.reason, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
+
+
+def _state_bounds(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
+    """The OpenAPI document with the bounds this deployment enforces, so that a schema-driven
+    client knows them: k and seed (query and JSON body) and the size of a base64 image."""
+    bounds = {
+        "k": {"minimum": 1, "maximum": settings.max_k},
+        "seed": {"minimum": 0, "maximum": SEED_MAX},
+        "image": {"minLength": 4, "maxLength": settings.max_upload_bytes * 4 // 3 + 4},
+    }
+
+    def bound(field: dict[str, Any], name: str) -> None:
+        for option in field.get("anyOf", [field]):
+            if name in bounds and option.get("type") in ("integer", "string"):
+                option.update(bounds[name])
+
+    for path in schema.get("paths", {}).values():
+        for operation in path.values():
+            for parameter in operation.get("parameters", []):
+                bound(parameter["schema"], parameter["name"])
+            body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
+            for name, field in body.get("properties", {}).items():
+                bound(field, name)
+    return schema
 
 
 def create_app(settings: Settings, open_queue: QueueFactory) -> FastAPI:
     metrics = Metrics()
+    api_keys = ApiKeys.from_settings(settings)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -52,6 +83,7 @@ def create_app(settings: Settings, open_queue: QueueFactory) -> FastAPI:
         description="Calibrated stochastic segmentation: k plausible masks and uncertainty maps per image.",
     )
     app.state.settings, app.state.metrics = settings, metrics
+    app.state.api_keys, app.state.admission = api_keys, Admission(settings)
     app.include_router(inference.router)
     app.include_router(models.router)
     app.include_router(health.router)
@@ -69,7 +101,8 @@ def create_app(settings: Settings, open_queue: QueueFactory) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        return JSONResponse({"error": reason, "detail": str(exc.detail)}, status_code=exc.status_code)
+        # the headers matter: a 405 names the methods allowed (Allow)
+        return JSONResponse({"error": reason, "detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
@@ -77,7 +110,21 @@ def create_app(settings: Settings, open_queue: QueueFactory) -> FastAPI:
         request.app.state.metrics.errors.labels("internal").inc()
         return JSONResponse({"error": "internal", "detail": "internal error; it has been logged"}, status_code=500)
 
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+            app.openapi_schema = _state_bounds(schema, settings)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]
+
     # base64 makes JSON bodies 4/3 of the file; the slack covers multipart headers
     app.add_middleware(BodyLimit, max_bytes=settings.max_upload_bytes * 4 // 3 + 65536)
-    app.add_middleware(RequestMetrics, metrics=metrics)
+    origins = [o.strip() for o in settings.cors_origins.split(",") if o.strip()]
+    if origins:
+        app.add_middleware(
+            CORSMiddleware, allow_origins=origins, allow_methods=["GET", "POST"],
+            allow_headers=["Authorization", "Content-Type", "Accept", "X-Request-ID"], expose_headers=["X-Request-ID", "Retry-After"],
+        )
+    app.add_middleware(RequestLog, metrics=metrics)
     return app

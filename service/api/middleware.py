@@ -1,15 +1,24 @@
-"""Pure ASGI middleware: a request-body size limit enforced while streaming, and per-route
-latency metrics (the route template, not the raw path, so label cardinality stays bounded)."""
+"""Pure ASGI middleware: a request-body size limit enforced while streaming, and per-request
+bookkeeping: a request id (taken from a client's ``X-Request-ID`` when it is short and plain, else
+made here; returned in the response header and on every log line of the request), latency metrics
+per route template (not the raw path, so label cardinality stays bounded) and one access log line."""
 
 from __future__ import annotations
 
 import json
+import logging
+import re
 import time
+import uuid
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from service.errors import PayloadTooLarge
+from service.logs import request_id
 from service.metrics import Metrics
+
+access_log = logging.getLogger("carseg.access")
+_CLIENT_ID = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 async def _send_json(send: Send, status: int, body: dict[str, str]) -> None:
@@ -44,7 +53,7 @@ class BodyLimit:
         await self.app(scope, limited, send)
 
 
-class RequestMetrics:
+class RequestLog:
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
         self.app, self.metrics = app, metrics
 
@@ -54,10 +63,14 @@ class RequestMetrics:
             return
         started = time.perf_counter()
         status = {"code": 500}
+        given = dict(scope["headers"]).get(b"x-request-id", b"").decode("latin-1")
+        rid = given if _CLIENT_ID.fullmatch(given) else uuid.uuid4().hex
+        token = request_id.set(rid)
 
         async def recording(message: Message) -> None:
             if message["type"] == "http.response.start":
                 status["code"] = message["status"]
+                message["headers"] = [*message.get("headers", []), (b"x-request-id", rid.encode())]
             await send(message)
 
         self.metrics.in_flight.inc()
@@ -65,6 +78,15 @@ class RequestMetrics:
             await self.app(scope, receive, recording)
         finally:
             self.metrics.in_flight.dec()
+            elapsed = time.perf_counter() - started
             route = scope.get("route")
             template = getattr(route, "path", None) or "unmatched"
-            self.metrics.request_seconds.labels(template, scope["method"], str(status["code"])).observe(time.perf_counter() - started)
+            self.metrics.request_seconds.labels(template, scope["method"], str(status["code"])).observe(elapsed)
+            state = scope.get("state", {})
+            caller = state.get("caller")
+            access_log.info(
+                "%s %s %d", scope["method"], template, status["code"],
+                extra={"route": template, "method": scope["method"], "status": status["code"], "seconds": round(elapsed, 4),
+                       "caller": getattr(caller, "id", None), **state.get("job", {})},
+            )
+            request_id.reset(token)

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import JSONResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
+from service.api.auth import metrics_caller
 from service.api.deps import MetricsDep, RegistryDep
 
 router = APIRouter(tags=["health"])
@@ -25,7 +26,10 @@ async def ready(request: Request, registry: RegistryDep) -> JSONResponse:
     return JSONResponse({"status": "ok" if ok else "unavailable", "detail": why, "models": registry.names()}, status_code=200 if ok else 503)
 
 
-@router.get("/metrics")
+@router.get(
+    "/metrics", dependencies=[Depends(metrics_caller)], response_class=Response,
+    responses={200: {"content": {CONTENT_TYPE_LATEST.split(";")[0]: {"schema": {"type": "string"}}}, "description": "Prometheus text format"}},
+)
 async def metrics(request: Request, m: MetricsDep) -> Response:
     await request.app.state.queue.observe()
     return Response(generate_latest(m.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,23 +1,27 @@
-"""``POST /v1/models/{name}/samples`` and ``/uncertainty``: thin over ``Segmenter.segment``."""
+"""``POST /v1/models/{name}/samples`` and ``/uncertainty``: thin over ``Segmenter``. A request is
+admitted (key, rate, in-flight caps, the model's queue) before its body is read, and its response
+is encoded in a worker thread: PNG-encoding k masks would otherwise stall every other request."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Annotated
 
 import numpy as np
-from fastapi import APIRouter, Header, Query, Request, Response
+from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
-from service.api.body import OPENAPI_BODY, read_body
+from service.api.auth import Caller, authenticated
+from service.api.body import openapi_body, read_body
 from service.api.deps import MetricsDep, SegmenterDep
 from service.api.schemas import ErrorResponse, SampleResponse, UncertaintyResponse
 from service.codecs.outputs import NPZ_MEDIA_TYPE, b64, heat_png, npy_bytes, npz_bytes, png_bytes, wants_npz
 from service.jobs import Output
 from service.segmentation import Segmentation, Segmenter
 
-router = APIRouter(prefix="/v1/models", tags=["inference"])
+router = APIRouter(prefix="/v1/models", tags=["inference"], dependencies=[Depends(authenticated)])
 
-ERRORS = {code: {"model": ErrorResponse} for code in (400, 404, 413, 415, 422, 503, 504)}
+ERRORS = {code: {"model": ErrorResponse} for code in (400, 401, 404, 406, 413, 415, 422, 429, 500, 503, 504)}
 # what each response needs of the runner, and the names it gives them: nothing else is computed
 SAMPLES_JSON = {Output.LABELS: "masks"}
 SAMPLES_NPZ = {Output.LABELS: "masks", Output.P_F: "probabilities", Output.ALEATORIC_ENTROPY: "entropy"}
@@ -34,10 +38,15 @@ AcceptHeader = Annotated[str | None, Header()]
 async def _segment(
     request: Request, segmenter: Segmenter, name: str, version: str | None, k: int | None, seed: int | None, outputs: dict[Output, str],
 ) -> Segmentation:
-    """Read the body and run the domain call; parameters in a JSON body win over the query's."""
-    body = await read_body(request)
-    k, seed = k if body.k is None else body.k, seed if body.seed is None else body.seed
-    return await segmenter.segment(name, version, body.data, k, seed, frozenset(outputs))
+    """Admit, read the body, run the domain call; parameters in a JSON body win over the query's."""
+    deadline = time.time() + request.app.state.settings.request_timeout_s  # the upload counts against it
+    caller: Caller = request.state.caller
+    async with request.app.state.admission.slot(caller.id):
+        entry = await segmenter.admit(name, version, deadline)
+        body = await read_body(request)
+        k, seed = k if body.k is None else body.k, seed if body.seed is None else body.seed
+        request.state.job = {"model": entry.name, "version": entry.version, "k": k}  # for the access log
+        return await segmenter.segment(entry, body.data, k, seed, frozenset(outputs), deadline)
 
 
 def _named(seg: Segmentation, outputs: dict[Output, str]) -> dict[str, np.ndarray]:
@@ -46,7 +55,7 @@ def _named(seg: Segmentation, outputs: dict[Output, str]) -> dict[str, np.ndarra
 
 @router.post(
     "/{name}/samples", response_model=SampleResponse, responses={**ERRORS, 200: {"content": {NPZ_MEDIA_TYPE: {}}}},
-    openapi_extra=OPENAPI_BODY,
+    openapi_extra=openapi_body(),
 )
 async def post_samples(
     name: str, request: Request, segmenter: SegmenterDep, metrics: MetricsDep,
@@ -56,25 +65,26 @@ async def post_samples(
     npz = wants_npz(accept)
     seg = await _segment(request, segmenter, name, version, k, seed, SAMPLES_NPZ if npz else SAMPLES_JSON)
     started = time.perf_counter()
-    if npz:
-        response: Response = Response(npz_bytes(_named(seg, SAMPLES_NPZ)), media_type=NPZ_MEDIA_TYPE)
-        fmt = "npz"
-    else:
-        masks = seg.result[Output.LABELS]
-        height, width = masks.shape[1:]
-        payload = SampleResponse(
-            model=seg.entry.name, version=seg.entry.version, k=seg.k, seed=seg.seed, height=height, width=width,
-            classes=seg.entry.classes, masks=[b64(png_bytes(mask)) for mask in masks],
-        )
-        response = Response(payload.model_dump_json(), media_type="application/json")
-        fmt = "json"
-    metrics.encode_seconds.labels(fmt).observe(time.perf_counter() - started)
+    response = await asyncio.to_thread(_samples_response, seg, npz)
+    metrics.encode_seconds.labels("npz" if npz else "json").observe(time.perf_counter() - started)
     return response
+
+
+def _samples_response(seg: Segmentation, npz: bool) -> Response:
+    if npz:
+        return Response(npz_bytes(_named(seg, SAMPLES_NPZ)), media_type=NPZ_MEDIA_TYPE)
+    masks = seg.result[Output.LABELS]
+    height, width = masks.shape[1:]
+    payload = SampleResponse(
+        model=seg.entry.name, version=seg.entry.version, k=seg.k, seed=seg.seed, height=height, width=width,
+        classes=seg.entry.classes, masks=[b64(png_bytes(mask)) for mask in masks],
+    )
+    return Response(payload.model_dump_json(), media_type="application/json")
 
 
 @router.post(
     "/{name}/uncertainty", response_model=UncertaintyResponse, responses={**ERRORS, 200: {"content": {NPZ_MEDIA_TYPE: {}}}},
-    openapi_extra=OPENAPI_BODY,
+    openapi_extra=openapi_body(),
 )
 async def post_uncertainty(
     name: str, request: Request, segmenter: SegmenterDep, metrics: MetricsDep,
@@ -82,20 +92,22 @@ async def post_uncertainty(
     preview: Annotated[bool, Query(description="add a PNG heat map of sample_entropy")] = False,
 ) -> Response:
     """p_F and the uncertainty maps computed from k samples."""
+    npz = wants_npz(accept)
     seg = await _segment(request, segmenter, name, version, k, seed, UNCERTAINTY)
     started = time.perf_counter()
-    arrays = _named(seg, UNCERTAINTY)
-    if wants_npz(accept):
-        response: Response = Response(npz_bytes(arrays), media_type=NPZ_MEDIA_TYPE)
-        fmt = "npz"
-    else:
-        height, width = arrays["probabilities"].shape[1:]
-        heat = b64(heat_png(arrays["sample_entropy"], float(np.log(len(seg.entry.classes))))) if preview else None
-        payload = UncertaintyResponse(
-            model=seg.entry.name, version=seg.entry.version, k=seg.k, seed=seg.seed, height=height, width=width,
-            classes=seg.entry.classes, arrays={key: b64(npy_bytes(value)) for key, value in arrays.items()}, preview=heat,
-        )
-        response = Response(payload.model_dump_json(), media_type="application/json")
-        fmt = "json"
-    metrics.encode_seconds.labels(fmt).observe(time.perf_counter() - started)
+    response = await asyncio.to_thread(_uncertainty_response, seg, npz, preview)
+    metrics.encode_seconds.labels("npz" if npz else "json").observe(time.perf_counter() - started)
     return response
+
+
+def _uncertainty_response(seg: Segmentation, npz: bool, preview: bool) -> Response:
+    arrays = _named(seg, UNCERTAINTY)
+    if npz:
+        return Response(npz_bytes(arrays), media_type=NPZ_MEDIA_TYPE)
+    height, width = arrays["probabilities"].shape[1:]
+    heat = b64(heat_png(arrays["sample_entropy"], float(np.log(len(seg.entry.classes))))) if preview else None
+    payload = UncertaintyResponse(
+        model=seg.entry.name, version=seg.entry.version, k=seg.k, seed=seg.seed, height=height, width=width,
+        classes=seg.entry.classes, arrays={key: b64(npy_bytes(value)) for key, value in arrays.items()}, preview=heat,
+    )
+    return Response(payload.model_dump_json(), media_type="application/json")

@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from fastapi import APIRouter, Depends
 
+from service.api.auth import authenticated
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.schemas import ErrorResponse, InputSpec, ModelDetail, ModelList, ModelSummary
 from service.codecs.images import NPY_DTYPES
 
-router = APIRouter(prefix="/v1/models", tags=["models"])
+router = APIRouter(prefix="/v1/models", tags=["models"], dependencies=[Depends(authenticated)])
 
 
-@router.get("", response_model=ModelList)
+@router.get("", response_model=ModelList, responses={401: {"model": ErrorResponse}})
 async def list_models(registry: RegistryDep) -> ModelList:
     models = []
     for name in registry.names():
@@ -20,7 +21,7 @@ async def list_models(registry: RegistryDep) -> ModelList:
     return ModelList(models=models)
 
 
-@router.get("/{name}", response_model=ModelDetail, responses={404: {"model": ErrorResponse}})
+@router.get("/{name}", response_model=ModelDetail, responses={401: {"model": ErrorResponse}, 404: {"model": ErrorResponse}})
 async def get_model(name: str, registry: RegistryDep, settings: SettingsDep, version: str | None = None) -> ModelDetail:
     entry = registry.get(name, version)
     m = entry.manifest
