@@ -4,9 +4,10 @@ a subcommand imports what it runs only when it runs (``carseg serve --queue redi
 from __future__ import annotations
 
 import argparse
-import logging
 
+from carseg import threads
 from service import cli as service_cli
+from service import logs
 from training import cli as training_cli
 
 
@@ -19,6 +20,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    args = build_parser().parse_args(argv)
+    logs.configure("text")  # for training; `serve` and `worker` switch to their settings' format (JSON by default)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    # before any command imports torch: OpenMP reads its thread count and wait policy when it loads
+    # (registering the commands imports no torch; tests/test_threads.py checks it)
+    try:
+        threads.configure(getattr(args, "threads", None))
+    except ValueError as exc:
+        parser.error(f"--threads: {exc}")
     args.func(args)

@@ -16,6 +16,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--queue", choices=("local", "redis"))
     p.add_argument("--redis-url")
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N (the in-process queue's runner)")
+    p.add_argument("--threads", type=int, help="CPU threads for torch/OpenMP (default: the cores this process may use; see README, CPU threads)")
     p.set_defaults(func=_serve)
 
     p = sub.add_parser("worker", help="consume the Redis job streams and run the sampler (one process per GPU)")
@@ -24,12 +25,21 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--device", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--models", nargs="*", help="models to serve (default: all in the model dir)")
     p.add_argument("--metrics-port", type=int, dest="worker_metrics_port", help="serve Prometheus metrics on this port")
-    p.add_argument("--threads", type=int, help="torch CPU threads")
+    p.add_argument("--threads", type=int, help="CPU threads for torch/OpenMP (default: the cores this process may use; see README, CPU threads)")
     p.set_defaults(func=_worker)
 
 
 def _settings(args: argparse.Namespace) -> Settings:
-    return Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None})
+    from pydantic import ValidationError
+
+    from service import logs
+
+    try:
+        settings = Settings(**{k: v for k, v in vars(args).items() if k in Settings.model_fields and v is not None})
+    except ValidationError as exc:
+        raise SystemExit(f"invalid settings: {exc}") from exc
+    logs.configure(settings.log_format)
+    return settings
 
 
 def _serve(args: argparse.Namespace) -> None:

@@ -133,6 +133,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--figure-cases", type=int, default=4)
     p.add_argument("--record", action="store_true", help="store the result in the model's manifest")
     p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads for torch/OpenMP (default: the cores this process may use; see README, CPU threads)")
     p.set_defaults(func=_evaluate)
 
     p = sub.add_parser("data", help="data utilities")
