@@ -61,6 +61,19 @@ def _state_bounds(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return schema
 
 
+def _state_auth(schema: dict[str, Any], keyed_metrics: bool) -> None:
+    """Declare the bearer key on the operations that ask for it (all but health, docs and, unless
+    configured, metrics), so that a schema-driven client sends it."""
+    schema.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
+        "type": "http", "scheme": "bearer", "description": "a key from CARSEG_API_KEYS",
+    }
+    for route, path in schema.get("paths", {}).items():
+        if route.startswith("/health") or (route == "/metrics" and not keyed_metrics):
+            continue
+        for operation in path.values():
+            operation["security"] = [{"apiKey": []}]
+
+
 def create_app(settings: Settings, open_queue: QueueFactory) -> FastAPI:
     metrics = Metrics()
     api_keys = ApiKeys.from_settings(settings)
@@ -112,8 +125,10 @@ def create_app(settings: Settings, open_queue: QueueFactory) -> FastAPI:
 
     def openapi() -> dict[str, Any]:
         if app.openapi_schema is None:
-            schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
-            app.openapi_schema = _state_bounds(schema, settings)
+            schema = _state_bounds(get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes), settings)
+            if api_keys.required:
+                _state_auth(schema, keyed_metrics=settings.metrics_require_key)
+            app.openapi_schema = schema
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 
 class ImageJSON(BaseModel):
     """A JSON request: the image file's bytes (PNG, JPEG or .npy), base64-encoded."""
+
+    # strict: "seed": false or "k": "4" is a client's mistake to report, not a value to coerce
+    model_config = ConfigDict(strict=True)
 
     image: str = Field(description="base64 of a PNG (8/16-bit), JPEG or .npy file")
     k: int | None = Field(None, description="number of samples; overrides the query parameter")
