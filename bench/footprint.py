@@ -30,7 +30,7 @@ import redis
 from PIL import Image
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from bench.procs import REPO, carseg, free_port, redis_server, stop
+from bench.procs import REPO, carseg, free_port, proc_status, redis_server, stop
 
 
 def crop_png() -> bytes:
@@ -52,15 +52,6 @@ def poll(url: str, status: int, timeout_s: float, proc: subprocess.Popen) -> flo
             pass
         time.sleep(0.01)  # polling interval
     raise TimeoutError(url)
-
-
-def proc_status(pid: int) -> dict[str, int]:
-    out = {}
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        key, _, value = line.partition(":")
-        if key in ("VmRSS", "VmHWM"):
-            out[key] = int(value.split()[0]) * 1024
-    return out
 
 
 def torch_mapped(pid: int) -> bool:

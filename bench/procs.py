@@ -29,6 +29,16 @@ def carseg(args: list[str], env: dict[str, str], repo: Path = REPO, stderr: int 
                             stdout=subprocess.DEVNULL, stderr=stderr)
 
 
+def proc_status(pid: int) -> dict[str, int]:
+    """VmRSS and VmHWM (the peak) of a process, in bytes."""
+    out = {}
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("VmRSS", "VmHWM"):
+            out[key] = int(value.split()[0]) * 1024
+    return out
+
+
 def redis_server(port: int) -> subprocess.Popen:
     """A redis-server without persistence on ``port``, answering PING when this returns."""
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],

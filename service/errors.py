@@ -42,14 +42,18 @@ class Unauthorized(ServiceError):
         self.headers = {"WWW-Authenticate": 'Bearer realm="carseg"'}
 
 
-class RateLimited(ServiceError):
-    """This caller sent more than its rate, or has too many requests in flight; it may retry."""
-
-    status, reason = 429, "rate_limited"
+class Retryable(ServiceError):
+    """Refused for now: the answer says when to try again (``Retry-After``)."""
 
     def __init__(self, detail: str, retry_after_s: int = 1) -> None:
         super().__init__(detail)
         self.headers = {"Retry-After": str(retry_after_s)}
+
+
+class RateLimited(Retryable):
+    """This caller sent more than its rate, or has too many requests in flight; it may retry."""
+
+    status, reason = 429, "rate_limited"
 
 
 class InvalidParameter(ServiceError):
@@ -60,14 +64,10 @@ class ModelNotFound(ServiceError):
     status, reason = 404, "model_not_found"
 
 
-class Unavailable(ServiceError):
+class Unavailable(Retryable):
     """The service cannot take the job now (queue full, no worker); the client may retry."""
 
     status, reason = 503, "unavailable"
-
-    def __init__(self, detail: str, retry_after_s: int = 1) -> None:
-        super().__init__(detail)
-        self.headers = {"Retry-After": str(retry_after_s)}
 
 
 class QueueFull(Unavailable):
