@@ -18,7 +18,7 @@ from fastapi.testclient import TestClient
 from service.api.admission import Admission
 from service.api.app import create_app
 from service.api.auth import ApiKeys, check_bind, is_loopback, parse_keys
-from service.config import Settings
+from service.config import Settings, masked_url
 from service.errors import QueueFull, RateLimited, Unavailable
 from service.server import open_queue
 from tests.embedded import EmbeddedServer
@@ -96,6 +96,12 @@ def test_serving_beyond_loopback_without_keys_refuses_to_start(model_dir, tmp_pa
     keys_file.write_text(f"{KEY}\n")
     check_bind(Settings(host="0.0.0.0", api_keys_file=keys_file), ApiKeys.from_settings(Settings(api_keys_file=keys_file)))
     check_bind(Settings(host="127.0.0.1"), ApiKeys([]))  # loopback: keys optional
+
+
+def test_urls_are_logged_with_the_password_masked():
+    assert masked_url("redis://:s3cret@redis:6379/0") == "redis://:***@redis:6379/0"
+    assert masked_url("redis://user:s3cret@host/0") == "redis://user:***@host/0"
+    assert masked_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
 
 
 def test_rate_limit_and_in_flight_caps():

@@ -129,9 +129,24 @@ def test_redis_restart_while_idle_recovers(model_dir):
             assert post(api.url, png(grey()), k=1).status_code == 200
             server.stop()
             wait_ready(api.url, expect=503)
+            detail = httpx.get(f"{api.url}/health/ready").json()["detail"]
+            assert detail.startswith("Redis unavailable") and "127.0.0.1" not in detail and str(server.port) not in detail
             server.start()
             wait_ready(api.url, timeout=30)
             r = post(api.url, png(grey()), k=2)
             assert r.status_code == 200, r.text
     finally:
         server.stop()
+
+
+def test_settings_keep_the_visibility_timeout_inside_the_deadline():
+    from pydantic import ValidationError
+
+    with pytest.raises(ValidationError, match="visibility_timeout_s"):
+        Settings(visibility_timeout_s=60.0, request_timeout_s=60.0)  # a reclaimed job would have no time left
+    with pytest.raises(ValidationError, match="visibility_timeout_s"):
+        Settings(heartbeat_ttl_s=30.0, visibility_timeout_s=30.0)
+    with pytest.raises(ValidationError, match="twice heartbeat_interval_s"):
+        Settings(heartbeat_interval_s=3.0, heartbeat_ttl_s=4.0)
+    defaults = Settings()
+    assert defaults.heartbeat_ttl_s < defaults.visibility_timeout_s < defaults.request_timeout_s
