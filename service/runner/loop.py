@@ -4,7 +4,10 @@ in-process queue."""
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import threading
+from collections.abc import Callable
 
 from service.config import Settings
 from service.metrics import Metrics
@@ -12,6 +15,22 @@ from service.queue.base import JobSource
 from service.runner.batching import BatchCollector
 from service.runner.executor import Executor
 from service.runner.models import ModelPool
+
+
+def _malloc_trim() -> Callable[[], None]:
+    """glibc's malloc_trim(0), or nothing where libc is not glibc. After a batch, the allocator
+    keeps the freed activations resident, so a worker's RSS rose with the largest batch it had seen
+    (a soak: one worker's floor went 507 -> 639 MB over five minutes while the other stayed flat);
+    trimming returns them, for about 3 ms a batch (measured: 36 ms over 12 batches of 4 s)."""
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        trim = libc.malloc_trim
+    except (OSError, AttributeError):
+        return lambda: None
+    return lambda: trim(0) and None
+
+
+release_free_memory = _malloc_trim()
 
 
 class Runner:
@@ -27,6 +46,7 @@ class Runner:
             batch = self.collector.next_batch(self.idle_timeout_s)
             if batch:
                 self.executor.execute(batch)
+                release_free_memory()
             elif burst:
                 break
         while batch := self.collector.next_batch(0.0, more=False):
