@@ -20,7 +20,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> None:
-    logs.configure("text")  # for training; `serve` and `worker` switch to their settings' format (JSON by default)
+    logs.configure_early()
     parser = build_parser()
     args = parser.parse_args(argv)
     # before any command imports torch: OpenMP reads its thread count and wait policy when it loads

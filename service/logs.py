@@ -9,12 +9,13 @@ from __future__ import annotations
 import contextvars
 import json
 import logging
+import os
 import time
 
 request_id: contextvars.ContextVar[str | None] = contextvars.ContextVar("request_id", default=None)
 
 # attributes every LogRecord has; anything else was passed with extra= and is logged as a field
-_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName"}
+_STANDARD = set(vars(logging.LogRecord("", 0, "", 0, "", (), None))) | {"message", "asctime", "taskName", "color_message"}
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,3 +47,11 @@ def configure(fmt: str = "json", level: int = logging.INFO) -> None:
         logging.getLogger(name).handlers[:] = []
         logging.getLogger(name).propagate = True
     logging.getLogger("uvicorn.access").disabled = True
+
+
+def configure_early() -> None:
+    """Before any command has read its settings (the command line is parsed first, and the CPU
+    threads are logged before torch loads): the format ``CARSEG_LOG_FORMAT`` names, JSON unless it
+    says text, so that a process's log has one format from its first line. ``carseg serve`` and
+    ``carseg worker`` configure again from their settings, which read the same variable."""
+    configure("text" if os.environ.get("CARSEG_LOG_FORMAT", "").strip().lower() == "text" else "json")
