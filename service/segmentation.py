@@ -40,6 +40,14 @@ class Segmenter:
             raise InvalidParameter(f"k must be between 1 and {self.settings.max_k}, got {k}")
         return k
 
+    def check_seed(self, seed: int | None) -> int:
+        """The seed asked for, or a drawn one."""
+        if seed is None:
+            return secrets.randbelow(2**31)
+        if not 0 <= seed <= SEED_MAX:
+            raise InvalidParameter(f"seed must be between 0 and {SEED_MAX}, got {seed}")
+        return seed
+
     async def admit(self, model: str, version: str | None, deadline: float) -> ModelEntry:
         """The model asked for, if it exists and its queue takes a job now (before the body is read)."""
         entry = self.registry.get(model, version)
@@ -50,10 +58,7 @@ class Segmenter:
         self, entry: ModelEntry, data: bytes, k: int | None, seed: int | None, outputs: frozenset[Output], deadline: float,
     ) -> Segmentation:
         """Check the parameters, decode the image, queue a job for ``outputs`` and wait for its result."""
-        k = self.check_k(k)
-        if seed is not None and not 0 <= seed <= SEED_MAX:
-            raise InvalidParameter(f"seed must be between 0 and {SEED_MAX}, got {seed}")
-        seed = secrets.randbelow(2**31) if seed is None else seed
+        k, seed = self.check_k(k), self.check_seed(seed)
         limits = dataclasses.replace(self.limits, k=k)
         image = await asyncio.to_thread(decode_image, data, limits, entry.in_channels)
         del data  # the file's bytes are not needed beside its pixels

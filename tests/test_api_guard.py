@@ -6,6 +6,7 @@ and the request id."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import hashlib
 import os
 import subprocess
@@ -203,3 +204,13 @@ def test_request_id_is_returned_and_a_plain_client_id_is_kept(model_dir):
         assert client.get("/health/live", headers={"X-Request-ID": "viewer-42"}).headers["x-request-id"] == "viewer-42"
         forged = client.get("/health/live", headers={"X-Request-ID": "a\"}\n{evil"}).headers["x-request-id"]
         assert forged != "a\"}\n{evil" and len(forged) == 32
+
+
+def test_query_bounds_hold_even_where_the_json_body_overrides_them(model_dir):
+    # found by schemathesis: the body's k and seed won, so the query's k=-2703 went unchecked
+    app = create_app(Settings(model_dir=model_dir), open_queue)
+    body = {"image": base64.b64encode(png(grey(16, 16))).decode(), "k": 2, "seed": 1}
+    with TestClient(app) as client:
+        assert client.post("/v1/models/tiny/samples", params={"k": -2703}, json=body).status_code == 422
+        assert client.post("/v1/models/tiny/samples", params={"seed": 2**64}, json=body).status_code == 422
+        assert client.post("/v1/models/tiny/samples", params={"k": 3}, json=body).json()["k"] == 2

@@ -39,6 +39,10 @@ async def _segment(
     request: Request, segmenter: Segmenter, name: str, version: str | None, k: int | None, seed: int | None, outputs: dict[Output, str],
 ) -> Segmentation:
     """Admit, read the body, run the domain call; parameters in a JSON body win over the query's."""
+    if k is not None:  # a query value out of its bounds is refused even where the body overrides it
+        segmenter.check_k(k)
+    if seed is not None:
+        segmenter.check_seed(seed)
     deadline = time.time() + request.app.state.settings.request_timeout_s  # the upload counts against it
     caller: Caller = request.state.caller
     async with request.app.state.admission.slot(caller.id):
