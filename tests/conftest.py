@@ -22,6 +22,16 @@ def require_binary(name: str, package: str) -> str:
     return path
 
 
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    """A folder with one small random-weight model, ``tiny`` (1 channel, 2 classes)."""
+    from tests.service_fixtures import write_tiny_model
+
+    root = tmp_path_factory.mktemp("models")
+    write_tiny_model(root, "tiny")
+    return root
+
+
 @pytest.fixture(scope="session")
 def lidc_root():
     from training.data.lidc_sample import default_root

@@ -24,16 +24,9 @@ from service.errors import QueueFull, RateLimited, Unavailable
 from service.server import open_queue
 from tests.embedded import EmbeddedServer
 from tests.queue_backends import REPO
-from tests.service_fixtures import grey, png, write_tiny_model
+from tests.service_fixtures import grey, png
 
 KEY = "k3y-for-tests"
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    write_tiny_model(root, "tiny")
-    return root
 
 
 @pytest.fixture(scope="module")

@@ -22,6 +22,8 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -125,6 +127,18 @@ def stop_all(procs: list[subprocess.Popen]) -> None:
             p.wait(5)
 
 
+@contextmanager
+def served(model_dir: Path, url: str, tmp_path: Path) -> Iterator[str]:
+    """Two worker processes and an API with the default settings over the Redis at ``url``; yields the API's URL."""
+    workers = start_workers(model_dir, url, tmp_path)
+    try:
+        with EmbeddedServer(Settings(model_dir=model_dir, queue="redis", redis_url=url)) as api:
+            wait_ready(api.url)
+            yield api.url
+    finally:
+        stop_all(workers)
+
+
 def holder(client: redis.Redis, timeout_s: float = 60) -> str:
     """The name of a consumer holding jobs, as soon as one does."""
     deadline = time.monotonic() + timeout_s
@@ -146,23 +160,18 @@ def drained(client: redis.Redis, timeout_s: float = 60) -> None:
 
 
 def test_worker_killed_mid_batch_costs_seconds_not_the_deadline(model_dir, redis_url, tmp_path):
-    settings = Settings(model_dir=model_dir, queue="redis", redis_url=redis_url)  # the defaults: 4 s heartbeat TTL
+    settings = Settings()  # the defaults the service runs with: 4 s heartbeat TTL, 30 s visibility timeout
     client = redis.Redis.from_url(redis_url)
-    workers = start_workers(model_dir, redis_url, tmp_path)
-    try:
-        with EmbeddedServer(settings) as api:
-            wait_ready(api.url)
-            load = Load(api.url, 40, png(grey(128, 128)), k=8)
-            victim = holder(client)
-            os.kill(int(victim.split("-")[-2]), signal.SIGKILL)
-            killed = time.monotonic()
-            while not client.hget(KEYS.stats, "redeliveries"):
-                assert time.monotonic() - killed < settings.visibility_timeout_s, "the dead worker's jobs were not reclaimed"
-                time.sleep(0.05)  # polling for the reclaim
-            moved_after_s = time.monotonic() - killed
-            result = tally(load.join(), k=8)
-    finally:
-        stop_all(workers)
+    with served(model_dir, redis_url, tmp_path) as url:
+        load = Load(url, 40, png(grey(128, 128)), k=8)
+        victim = holder(client)
+        os.kill(int(victim.split("-")[-2]), signal.SIGKILL)
+        killed = time.monotonic()
+        while not client.hget(KEYS.stats, "redeliveries"):
+            assert time.monotonic() - killed < settings.visibility_timeout_s, "the dead worker's jobs were not reclaimed"
+            time.sleep(0.05)  # polling for the reclaim
+        moved_after_s = time.monotonic() - killed
+        result = tally(load.join(), k=8)
     reclaimed = int(client.hget(KEYS.stats, "redeliveries") or 0)
     print(f"\nworker SIGKILL: {result}, {reclaimed} jobs reclaimed {moved_after_s:.1f} s after the kill")
     assert (result.ok, result.failed, result.lost) == (40, 0, 0), result
@@ -172,21 +181,15 @@ def test_worker_killed_mid_batch_costs_seconds_not_the_deadline(model_dir, redis
 
 def test_redis_restart_on_its_aof_loses_nothing(model_dir, tmp_path):
     server = RedisProcess(aof_dir=str(tmp_path)).start()
-    workers: list[subprocess.Popen] = []
     try:
-        settings = Settings(model_dir=model_dir, queue="redis", redis_url=server.url)
-        workers = start_workers(model_dir, server.url, tmp_path)
-        client = redis.Redis.from_url(server.url)
-        with EmbeddedServer(settings) as api:
-            wait_ready(api.url)
-            load = Load(api.url, 30, png(grey(256, 256)), k=8)
-            holder(client)
+        with served(model_dir, server.url, tmp_path) as url:
+            load = Load(url, 30, png(grey(256, 256)), k=8)
+            holder(redis.Redis.from_url(server.url))
             server.stop()  # SIGTERM: Redis writes its AOF and exits, with jobs queued and in hand
             time.sleep(2.0)  # Redis away for two seconds: a restart, not an outage
             server.start()
             result = tally(load.join(), k=8)
     finally:
-        stop_all(workers)
         server.stop()
     print(f"\nRedis restart (AOF): {result}")
     assert (result.ok, result.failed, result.lost) == (30, 0, 0), result
@@ -231,17 +234,12 @@ def test_api_killed_leaves_nothing_behind(model_dir, redis_url, tmp_path):
 
 
 def test_a_job_that_always_fails_is_dead_lettered_and_the_others_are_served(model_dir, redis_url, tmp_path):
-    settings = Settings(model_dir=model_dir, queue="redis", redis_url=redis_url)
+    settings = Settings()
     client = redis.Redis.from_url(redis_url)
-    workers = start_workers(model_dir, redis_url, tmp_path)
-    try:
-        with EmbeddedServer(settings) as api:
-            wait_ready(api.url)
-            healthy = Load(api.url, 24, png(grey(128, 128)), k=4)
-            poison = Load(api.url, 3, png(grey(32, 32)), k=2, model="broken")
-            healthy_result, poisoned = tally(healthy.join(), k=4), poison.join()
-    finally:
-        stop_all(workers)
+    with served(model_dir, redis_url, tmp_path) as url:
+        healthy = Load(url, 24, png(grey(128, 128)), k=4)
+        poison = Load(url, 3, png(grey(32, 32)), k=2, model="broken")
+        healthy_result, poisoned = tally(healthy.join(), k=4), poison.join()
     poison_result = tally(poisoned, k=2)
     print(f"\npoison jobs: {poison_result}; the other model's: {healthy_result}")
     assert (healthy_result.ok, healthy_result.failed, healthy_result.lost) == (24, 0, 0), healthy_result

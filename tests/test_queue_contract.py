@@ -10,14 +10,6 @@ import pytest
 from service.errors import DeadlineExceeded, QueueFull
 from service.jobs import Output
 from tests.queue_backends import depth, make_job, open_backend, wait_until
-from tests.service_fixtures import write_tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    write_tiny_model(root, "tiny")
-    return root
 
 
 @pytest.fixture(params=["local", "redis"])

@@ -16,16 +16,9 @@ from service.worker import Worker
 from tests.conftest import RedisProcess
 from tests.embedded import EmbeddedServer, wait_ready
 from tests.queue_backends import fake_heartbeat, make_job
-from tests.service_fixtures import grey, png, write_tiny_model
+from tests.service_fixtures import grey, png
 
 FAST = {"visibility_timeout_s": 2.0, "heartbeat_interval_s": 0.2, "heartbeat_ttl_s": 1.0, "worker_block_ms": 50}
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    write_tiny_model(root, "tiny")
-    return root
 
 
 def settings_for(model_dir, url, **overrides):

@@ -7,14 +7,7 @@ import pytest
 
 from service.config import Settings
 from tests.embedded import EmbeddedServer
-from tests.service_fixtures import b64, decode_png, grey, npy, png, write_tiny_model
-
-
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    root = tmp_path_factory.mktemp("models")
-    write_tiny_model(root, "tiny")
-    return root
+from tests.service_fixtures import b64, decode_png, grey, npy, png
 
 
 @pytest.fixture(scope="module")
