@@ -3,12 +3,11 @@ model's stream. ``take`` first reclaims jobs from other workers' hands, else rea
 (``XREADGROUP COUNT n BLOCK t``). Two kinds of hands are reclaimed from: a worker whose heartbeat is
 older than ``heartbeat_ttl_s`` is dead, and its jobs move within seconds (looked for every heartbeat
 interval); a job idle past the visibility timeout is in a live worker that is stuck. Each job is
-answered with the one atomic script of ``redis_protocol``. A job whose computation fails, or whose
-entry is malformed, stays pending: it is reclaimed and retried, and after ``max_deliveries`` it goes
-to the dead-letter stream and its client gets an error. A job whose computation raised is offered
-again at once (to any worker), so a job that fails every time reaches the dead-letter stream, and
-its client an error, within seconds rather than max_deliveries visibility timeouts. Redis being
-away is waited out with backoff, and an answer is retried until its job's deadline.
+answered with the one atomic script of ``redis_protocol``. A job whose computation raised is offered
+again at once (to any worker); a malformed entry stays pending until the visibility timeout. After
+``max_deliveries`` either goes to the dead-letter stream and its client gets an error, so a job that
+fails every time costs its client seconds, not max_deliveries visibility timeouts. Redis being away
+is waited out with backoff, and an answer is retried until its job's deadline.
 """
 
 from __future__ import annotations
