@@ -23,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 import httpx
@@ -78,20 +79,26 @@ def raw_sampler(model_dir: Path, image: np.ndarray, ks: list[int], budget: int, 
     return results
 
 
-async def closed_loop(url: str, data: bytes, k: int, concurrency: int, seconds: float) -> dict:
+async def closed_loop(url: str, data: bytes, ks: Sequence[int], concurrency: int, seconds: float, headers: dict[str, str] | None = None) -> dict:
+    """``concurrency`` clients, each posting ``data`` and waiting for the answer before the next,
+    for ``seconds``; client w's i-th request asks for k = ks[(w + i) % len(ks)]. The one closed-loop
+    driver of the benches (serve, threads, soak's saturation probe)."""
     latencies: list[float] = []
+    per_k = {k: 0 for k in ks}
     errors = 0
     stop_at = time.perf_counter() + seconds
-    async with httpx.AsyncClient(timeout=120, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
+    async with httpx.AsyncClient(timeout=120, headers=headers, limits=httpx.Limits(max_connections=concurrency + 4)) as client:
 
         async def worker(wid: int) -> None:
             nonlocal errors
             i = 0
             while time.perf_counter() < stop_at:
+                k = ks[(wid + i) % len(ks)]
                 t0 = time.perf_counter()
                 r = await client.post(url, files={"image": ("img.png", data)}, params={"k": k, "seed": wid * 100003 + i})
                 if r.status_code == 200:
                     latencies.append(time.perf_counter() - t0)
+                    per_k[k] += 1
                 else:
                     errors += 1
                 i += 1
@@ -101,8 +108,10 @@ async def closed_loop(url: str, data: bytes, k: int, concurrency: int, seconds: 
         elapsed = time.perf_counter() - t0
     return {
         "requests": len(latencies),
+        "per_k": per_k,
         "errors": errors,
-        "images_per_s": len(latencies) / elapsed,
+        "seconds": elapsed,
+        "images_per_s": len(latencies) / elapsed,  # /samples answers one image per request
         "p50_ms": 1000 * percentile(latencies, 50),
         "p95_ms": 1000 * percentile(latencies, 95),
         "p99_ms": 1000 * percentile(latencies, 99),
@@ -178,8 +187,8 @@ def main() -> None:
         url, procs = start_path(path, Path(args.model_dir), args.device, args.budget)
         endpoint = f"{url}/v1/models/{args.model}/samples"
         try:
-            asyncio.run(closed_loop(endpoint, data, 1, 2, 1.0))  # warm-up
-            service[path] = {k: {c: asyncio.run(closed_loop(endpoint, data, k, c, args.seconds)) for c in levels} for k in ks}
+            asyncio.run(closed_loop(endpoint, data, [1], 2, 1.0))  # warm-up
+            service[path] = {k: {c: asyncio.run(closed_loop(endpoint, data, [k], c, args.seconds)) for c in levels} for k in ks}
         finally:
             stop(procs)
 

@@ -6,7 +6,7 @@
    ``carseg worker --threads 1`` processes (bench/procs.py), and waits until /health/ready is 200
    and both workers' heartbeats are live.
 2. Saturation probe (``--probe-seconds``, 20 s): closed-loop clients (``--probe-concurrency``) post
-   the 128x128 LIDC crop to /v1/models/<model>/samples with k drawn from 1, 4, 16; their
+   the 128x128 LIDC crop to /v1/models/<model>/samples with k cycling through 1, 4, 16; their
    throughput in requests/s is the saturation the soak is sized from.
 3. Soak: open-loop Poisson arrivals at ``--load`` (70%) of that throughput, the same k mix, for a
    ``--warmup`` (10 s) and then ``--minutes``. A request is ok when it answers 200 with k masks;
@@ -56,7 +56,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.footprint import crop_png
 from bench.procs import REPO, carseg, free_port, redis_server, stop
-from bench.serve import percentile, wait_ready
+from bench.serve import closed_loop, percentile, wait_ready
 from service.config import Settings
 from service.queue.redis_protocol import Keys
 
@@ -222,23 +222,10 @@ async def post(http: httpx.AsyncClient, endpoint: str, data: bytes, k: int, seed
 
 
 async def saturation(args: argparse.Namespace, endpoint: str, data: bytes) -> dict:
-    rng = random.Random(args.seed)
-    done, errors = 0, 0
-    async with client(args, args.probe_concurrency + 4) as http:
-        stop_at = time.perf_counter() + args.probe_seconds
-
-        async def one(wid: int) -> None:
-            nonlocal done, errors
-            i = 0
-            while time.perf_counter() < stop_at:
-                outcome, _ = await post(http, endpoint, data, rng.choice(KS), wid * 100003 + i)
-                done, errors = done + (outcome == "ok"), errors + (outcome != "ok")
-                i += 1
-
-        t0 = time.perf_counter()
-        await asyncio.gather(*(one(w) for w in range(args.probe_concurrency)))
-        elapsed = time.perf_counter() - t0
-    return {"seconds": elapsed, "concurrency": args.probe_concurrency, "ok": done, "errors": errors, "requests_per_s": done / elapsed}
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else None
+    r = await closed_loop(endpoint, data, KS, args.probe_concurrency, args.probe_seconds, headers)
+    return {"seconds": r["seconds"], "concurrency": args.probe_concurrency, "ok": r["requests"], "errors": r["errors"],
+            "requests_per_s": r["images_per_s"]}
 
 
 async def soak(args: argparse.Namespace, endpoint: str, data: bytes, rate: float, named: dict[str, subprocess.Popen], rclient: redis.Redis) -> dict:

@@ -22,13 +22,11 @@ import sys
 import tempfile
 from pathlib import Path
 
-import httpx
-
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from bench.procs import carseg, free_port, redis_server, stop  # noqa: E402
-from bench.serve import wait_ready  # noqa: E402
+from bench.serve import closed_loop, wait_ready  # noqa: E402
 
 KS = (1, 4, 16)
 # the entry point with the configuration step replaced by a no-op: the code as it was before
@@ -41,31 +39,6 @@ def worker(setting: str, env: dict[str, str], log) -> subprocess.Popen:
         return subprocess.Popen([sys.executable, "-c", UNCONFIGURED, "worker"], cwd=REPO, env={**os.environ, "PYTHONPATH": str(REPO), **env},
                                 stdout=subprocess.DEVNULL, stderr=log)
     return carseg(["worker", *(["--threads", "1"] if setting == "threads1" else [])], env, stderr=log)
-
-
-async def closed_loop(url: str, data: bytes, clients: int, seconds: float) -> dict:
-    done = {k: 0 for k in KS}
-    errors = 0
-    loop = asyncio.get_running_loop()
-    stop_at = loop.time() + seconds
-    async with httpx.AsyncClient(timeout=120) as client:
-
-        async def one(cid: int) -> None:
-            nonlocal errors
-            i = 0
-            while loop.time() < stop_at:
-                k = KS[(cid + i) % len(KS)]
-                r = await client.post(url, files={"image": ("img.png", data)}, params={"k": k, "seed": cid * 100003 + i})
-                if r.status_code == 200:
-                    done[k] += 1
-                else:
-                    errors += 1
-                i += 1
-
-        t0 = loop.time()
-        await asyncio.gather(*(one(c) for c in range(clients)))
-        elapsed = loop.time() - t0
-    return {"requests": sum(done.values()), "per_k": done, "errors": errors, "seconds": elapsed, "req_per_s": sum(done.values()) / elapsed}
 
 
 def run(setting: str, args: argparse.Namespace, data: bytes) -> dict:
@@ -87,12 +60,12 @@ def run(setting: str, args: argparse.Namespace, data: bytes) -> dict:
             log.seek(0)
             raise RuntimeError(f"a service process exited: {log.read().decode()[-3000:]}") from None
         endpoint = f"{url}/v1/models/{args.model}/samples"
-        asyncio.run(closed_loop(endpoint, data, args.clients, 5.0))  # warm-up
-        result = asyncio.run(closed_loop(endpoint, data, args.clients, args.seconds))
+        asyncio.run(closed_loop(endpoint, data, KS, args.clients, 5.0))  # warm-up
+        result = asyncio.run(closed_loop(endpoint, data, KS, args.clients, args.seconds))
     finally:
         stop(procs)
         log.close()
-    print(f"{setting:>9}: {result['req_per_s']:.2f} req/s ({result['requests']} requests, {result['errors']} errors)")
+    print(f"{setting:>9}: {result['images_per_s']:.2f} req/s ({result['requests']} requests, {result['errors']} errors)")
     return result
 
 
@@ -118,7 +91,7 @@ def main() -> None:
     out = {
         "cpus": os.cpu_count(), "available_cores": available_cores(), "workers": args.workers, "clients": args.clients, "ks": KS,
         "seconds": args.seconds, "model": args.model, "results": results,
-        "ratios_to_default": {s: r["req_per_s"] / results["default"]["req_per_s"] for s, r in results.items()} if "default" in results else None,
+        "ratios_to_default": {s: r["images_per_s"] / results["default"]["images_per_s"] for s, r in results.items()} if "default" in results else None,
     }
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
