@@ -10,7 +10,9 @@ import dataclasses
 import secrets
 from dataclasses import dataclass
 
-from service.codecs.images import Limits, decode_image
+import numpy as np
+
+from service.codecs.images import Limits, check_image, decode_image
 from service.config import Settings
 from service.errors import InvalidParameter
 from service.jobs import Job, JobResult, Output
@@ -27,6 +29,7 @@ class Segmentation:
     k: int
     seed: int
     result: JobResult
+    image: np.ndarray  # (H, W, C) as the model was given it: uint8, uint16 or float32 in [0, 1]
 
 
 class Segmenter:
@@ -57,11 +60,20 @@ class Segmenter:
     async def segment(
         self, entry: ModelEntry, data: bytes, k: int | None, seed: int | None, outputs: frozenset[Output], deadline: float,
     ) -> Segmentation:
-        """Check the parameters, decode the image, queue a job for ``outputs`` and wait for its result."""
+        """Check the parameters, decode the image file, queue a job for ``outputs`` and wait for its result."""
         k, seed = self.check_k(k), self.check_seed(seed)
         limits = dataclasses.replace(self.limits, k=k)
         image = await asyncio.to_thread(decode_image, data, limits, entry.in_channels)
         del data  # the file's bytes are not needed beside its pixels
+        return await self.run(entry, image, k, seed, outputs, deadline)
+
+    async def run(
+        self, entry: ModelEntry, image: np.ndarray, k: int | None, seed: int | None, outputs: frozenset[Output], deadline: float,
+    ) -> Segmentation:
+        """Segment pixels already decoded ((H, W, C) uint8, uint16 or float32 in [0, 1]): the size
+        limits are checked here too, for callers that decode tensors themselves."""
+        k, seed = self.check_k(k), self.check_seed(seed)
+        check_image(image, dataclasses.replace(self.limits, k=k), entry.in_channels)
         job = Job(entry.name, entry.version, image, k, seed, deadline=deadline, outputs=outputs)
         result = await self.queue.submit(job)
-        return Segmentation(entry, k, seed, result)
+        return Segmentation(entry, k, seed, result, image)

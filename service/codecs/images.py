@@ -109,6 +109,13 @@ def _decode_npy(data: bytes, limits: Limits) -> np.ndarray:
     return array
 
 
+def check_image(image: np.ndarray, limits: Limits, channels: int) -> None:
+    """An array decoded elsewhere (a tensor, a DICOM or NIfTI slice) meets the same limits as a file."""
+    if image.ndim != 3 or image.shape[2] != channels:
+        raise InvalidParameter(f"the model takes (H, W, {channels}) images, got shape {tuple(image.shape)}")
+    _check_size(image.shape[0], image.shape[1], limits)
+
+
 def decode_image(data: bytes, limits: Limits, channels: int) -> np.ndarray:
     """Bytes of an image file -> (H, W, channels) array (uint8, uint16 or float32 in [0, 1])."""
     if len(data) > limits.max_bytes:
