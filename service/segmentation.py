@@ -1,7 +1,11 @@
-"""The one domain call behind the inference routes: image bytes + parameters -> a job result, in
-the order that makes a refused request cheap: the model and the queue's room first (``admit``,
-before the body is read), then k, seed and the image's size and cost from its header, then the
-pixels, decoded in a worker thread so that the event loop keeps serving."""
+"""The one domain call behind the inference routes: uploaded files + parameters -> a job result
+per slice, in the order that makes a refused request cheap: the model and the queue's room first
+(``admit``, before the body is read), then k, seed and the input's size and cost from its header,
+then the pixels, decoded in a worker thread so that the event loop keeps serving.
+
+A volume (NIfTI, a DICOM series) is one job per slice through the same queue, so the runner
+batches slices as it batches requests; slice d draws its noise from seed + d, so a slice sent
+alone with that seed gives the same masks."""
 
 from __future__ import annotations
 
@@ -12,15 +16,20 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from service.codecs.images import Limits, check_image, decode_image
+from service.codecs.images import Limits, check_image
+from service.codecs.inputs import InputLimits, decode_input
+from service.codecs.volume import Volume, from_image
 from service.config import Settings
-from service.errors import InvalidParameter
+from service.errors import InvalidParameter, PayloadTooLarge
 from service.jobs import Job, JobResult, Output
 from service.queue import JobQueue
 from service.registry import ModelRegistry
 from training.manifest import ModelEntry
 
 SEED_MAX = 2**63 - 1
+# slices of one volume queued at once: enough to fill the runner's batches, few enough that one
+# volume does not take the whole queue from other requests
+SLICES_IN_FLIGHT = 16
 
 
 @dataclass
@@ -28,8 +37,27 @@ class Segmentation:
     entry: ModelEntry
     k: int
     seed: int
-    result: JobResult
-    image: np.ndarray  # (H, W, C) as the model was given it: uint8, uint16 or float32 in [0, 1]
+    volume: Volume  # the input as the model was given it, with its geometry
+    results: list[JobResult]  # one per slice
+
+    @property
+    def result(self) -> JobResult:
+        """The result of a 2-D input; a response that has no slice axis asks for this."""
+        if len(self.results) != 1:
+            raise InvalidParameter(
+                f"this input is a volume of {len(self.results)} slices; ask for format=nifti or npz (or send one slice)"
+            )
+        return self.results[0]
+
+    @property
+    def image(self) -> np.ndarray:
+        """(H, W, C) of a 2-D input: uint8, uint16 or float32 in [0, 1]."""
+        self.result  # noqa: B018 - refuses a volume with the same message
+        return self.volume.slices[0]
+
+    def stacked(self, output: Output) -> np.ndarray:
+        """One output over all slices, the slice axis first: (D, ...) e.g. labels (D, k, H, W)."""
+        return np.stack([result[output] for result in self.results])
 
 
 class Segmenter:
@@ -58,22 +86,40 @@ class Segmenter:
         return entry
 
     async def segment(
-        self, entry: ModelEntry, data: bytes, k: int | None, seed: int | None, outputs: frozenset[Output], deadline: float,
+        self, entry: ModelEntry, files: list[bytes], k: int | None, seed: int | None, outputs: frozenset[Output], deadline: float,
     ) -> Segmentation:
-        """Check the parameters, decode the image file, queue a job for ``outputs`` and wait for its result."""
+        """Check the parameters, decode the upload (an image, a volume or a DICOM series), queue a
+        job per slice for ``outputs`` and wait for the results."""
         k, seed = self.check_k(k), self.check_seed(seed)
-        limits = dataclasses.replace(self.limits, k=k)
-        image = await asyncio.to_thread(decode_image, data, limits, entry.in_channels)
-        del data  # the file's bytes are not needed beside its pixels
-        return await self.run(entry, image, k, seed, outputs, deadline)
+        limits = InputLimits(dataclasses.replace(self.limits, k=k), self.settings.max_slices, self.settings.max_slices)
+        volume = await asyncio.to_thread(decode_input, files, limits, entry.in_channels, entry.manifest)
+        del files  # the files' bytes are not needed beside their pixels
+        return await self.run_volume(entry, volume, k, seed, outputs, deadline)
 
     async def run(
         self, entry: ModelEntry, image: np.ndarray, k: int | None, seed: int | None, outputs: frozenset[Output], deadline: float,
     ) -> Segmentation:
-        """Segment pixels already decoded ((H, W, C) uint8, uint16 or float32 in [0, 1]): the size
-        limits are checked here too, for callers that decode tensors themselves."""
+        """Segment pixels already decoded ((H, W, C) uint8, uint16 or float32 in [0, 1])."""
+        return await self.run_volume(entry, from_image(image), k, seed, outputs, deadline)
+
+    async def run_volume(
+        self, entry: ModelEntry, volume: Volume, k: int | None, seed: int | None, outputs: frozenset[Output], deadline: float,
+    ) -> Segmentation:
         k, seed = self.check_k(k), self.check_seed(seed)
-        check_image(image, dataclasses.replace(self.limits, k=k), entry.in_channels)
-        job = Job(entry.name, entry.version, image, k, seed, deadline=deadline, outputs=outputs)
-        result = await self.queue.submit(job)
-        return Segmentation(entry, k, seed, result, image)
+        depth, height, width = volume.slices.shape[:3]
+        check_image(volume.slices[0], dataclasses.replace(self.limits, k=k), entry.in_channels)
+        cost = depth * height * width * k
+        if depth > 1 and cost > self.settings.max_volume_pixel_samples:
+            raise PayloadTooLarge(
+                f"{depth} slices x {height} x {width} pixels x k={k} is {cost} pixel-samples, over the volume limit of "
+                f"{self.settings.max_volume_pixel_samples}: ask for fewer samples or send fewer slices"
+            )
+        gate = asyncio.Semaphore(SLICES_IN_FLIGHT)
+
+        async def one(index: int) -> JobResult:
+            async with gate:
+                job = Job(entry.name, entry.version, volume.slices[index], k, (seed + index) % (SEED_MAX + 1), deadline=deadline, outputs=outputs)
+                return await self.queue.submit(job)
+
+        results = await asyncio.gather(*(one(index) for index in range(depth)))
+        return Segmentation(entry, k, seed, volume, list(results))

@@ -1,4 +1,5 @@
-"""Reading an inference request body: multipart field ``image`` or JSON ``{"image": base64}``.
+"""Reading an inference request body: multipart field ``image`` (repeated for the instances of a
+DICOM series) or JSON ``{"image": base64}``.
 
 The body is read as a stream, never cached on the request: the size limit (``BodyLimit``) holds
 while it arrives, a multipart file goes to a spooled temporary file, and a JSON body is parsed and
@@ -18,7 +19,10 @@ from service.api.schemas import ImageJSON
 from service.codecs.outputs import b64, png_bytes
 from service.errors import InvalidParameter, InvalidRequest, UnsupportedMediaType
 
-IMAGE_MEDIA_TYPES = "PNG (8/16-bit grey or RGB), JPEG, or .npy (uint8, uint16, float32/float64 in [0, 1])"
+IMAGE_MEDIA_TYPES = (
+    "PNG (8/16-bit grey or RGB), JPEG, .npy (uint8, uint16, float32/float64 in [0, 1]), DICOM (one instance, or a zip of "
+    "a series), NIfTI (.nii, .nii.gz; a 3-D volume is segmented slice by slice); repeat the field for a DICOM series"
+)
 # a request that works, shown in the docs and tried first by schema-driven clients: a 16 x 16 grey PNG
 EXAMPLE = {"image": b64(png_bytes(np.full((16, 16), 128, dtype=np.uint8))), "k": 4, "seed": 1}
 
@@ -35,7 +39,7 @@ def openapi_body() -> dict:
                         "required": ["image"],
                         "properties": {"image": {"type": "string", "format": "binary", "description": IMAGE_MEDIA_TYPES}},
                     },
-                    "encoding": {"image": {"contentType": "image/png, image/jpeg, application/octet-stream"}},
+                    "encoding": {"image": {"contentType": "image/png, image/jpeg, application/dicom, application/octet-stream"}},
                 },
                 "application/json": {"schema": ImageJSON.model_json_schema(), "example": EXAMPLE},
             },
@@ -45,7 +49,7 @@ def openapi_body() -> dict:
 
 @dataclass
 class ImageBody:
-    data: bytes
+    files: list[bytes]  # one file, or the instances of a DICOM series
     k: int | None
     seed: int | None
 
@@ -60,11 +64,12 @@ async def _read_stream(request: Request) -> bytearray:
 async def read_body(request: Request) -> ImageBody:
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
     if content_type == "multipart/form-data":
-        async with request.form(max_files=1, max_fields=8) as form:
-            upload = form.get("image")
-            if not isinstance(upload, UploadFile):
+        max_files = request.app.state.settings.max_slices
+        async with request.form(max_files=max_files, max_fields=8) as form:
+            uploads = [item for item in form.getlist("image") if isinstance(item, UploadFile)]
+            if not uploads:
                 raise InvalidRequest("multipart body has no file field 'image'")
-            return ImageBody(await upload.read(), None, None)
+            return ImageBody([await upload.read() for upload in uploads], None, None)
     if content_type == "application/json":
         body = await _read_stream(request)
         try:
@@ -76,5 +81,5 @@ async def read_body(request: Request) -> ImageBody:
             data = binascii.a2b_base64(payload.image, strict_mode=True)
         except (binascii.Error, ValueError) as exc:
             raise InvalidRequest(f"'image' is not valid base64 ({exc})") from exc
-        return ImageBody(data, payload.k, payload.seed)
+        return ImageBody([data], payload.k, payload.seed)
     raise UnsupportedMediaType(f"send multipart/form-data with a file field 'image' or application/json, not {content_type or 'nothing'}")

@@ -41,5 +41,18 @@ def heat_png(values: np.ndarray, high: float) -> bytes:
     return png_bytes((rgb * 255).astype(np.uint8))
 
 
-def wants_npz(accept: str | None) -> bool:
-    return bool(accept) and NPZ_MEDIA_TYPE in accept  # type: ignore[operator]
+def class_frequencies(labels: np.ndarray, num_classes: int) -> np.ndarray:
+    """(k, ...) class indices -> (C - 1, ...) float32: the share of the k samples that mark each
+    foreground class at each pixel (the sample mean, what the iso-contours are drawn on)."""
+    return np.stack([(labels == c).mean(axis=0, dtype=np.float32) for c in range(1, num_classes)])
+
+
+def zip_bytes(files: dict[str, bytes]) -> bytes:
+    """Files already compressed (NIfTI .gz, DICOM) stored as they are."""
+    import zipfile
+
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w", compression=zipfile.ZIP_STORED) as archive:
+        for name, data in files.items():
+            archive.writestr(name, data)
+    return buf.getvalue()
