@@ -18,7 +18,8 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.admission import Admission
 from service.api.auth import ApiKeys
 from service.api.middleware import BodyLimit, RequestLog
-from service.api.routes import health, inference, models
+from service.api.routes import contours, health, inference, models, monai_label, viewer
+from service.api.sessions import Sessions
 from service.config import Settings
 from service.errors import ServiceError
 from service.metrics import Metrics
@@ -97,9 +98,14 @@ def create_app(settings: Settings, open_queue: QueueFactory) -> FastAPI:
     )
     app.state.settings, app.state.metrics = settings, metrics
     app.state.api_keys, app.state.admission = api_keys, Admission(settings)
+    app.state.sessions = Sessions(settings.max_sessions, settings.max_session_bytes, settings.session_expiry_s)
     app.include_router(inference.router)
+    app.include_router(contours.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(monai_label.router)
+    app.include_router(monai_label.login)
+    app.include_router(viewer.router)
 
     @app.exception_handler(ServiceError)
     async def service_error(request: Request, exc: ServiceError) -> JSONResponse:

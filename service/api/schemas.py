@@ -40,6 +40,21 @@ class UncertaintyResponse(InferenceMeta):
     preview: str | None = Field(None, description="base64 PNG heat map of sample_entropy on [0, log C]")
 
 
+class ContourLevel(BaseModel):
+    level: float
+    polygons: list[list[list[float]]] = Field(
+        description="closed polygons, each [[x, y], ...] in pixel coordinates (x = column, y = row, pixel centres at integers); "
+        "the last vertex joins the first"
+    )
+
+
+class ContourResponse(InferenceMeta):
+    levels: list[float] = Field(description="the sample frequencies the contours are drawn at")
+    contours: dict[str, list[ContourLevel]] = Field(description="per foreground class: its iso-contours, one entry per level")
+    mean: dict[str, str] = Field(description="per foreground class: base64 8-bit PNG of the fraction of samples labelling it (value * 255)")
+    image: str = Field(description="base64 8-bit PNG (grey or RGB) of the input as the model saw it, to draw the contours over")
+
+
 class InputSpec(BaseModel):
     channels: int
     dtype: list[str]
