@@ -50,6 +50,10 @@ class Settings(BaseSettings):
     max_slices: int = Field(512, ge=1, description="most slices (or DICOM files) in one request")
     max_volume_pixel_samples: int = Field(2**25, ge=64, description="largest slices x height x width x k a volume may ask for")
     request_timeout_s: float = Field(60.0, gt=0)
+    # MONAI Label sessions (3D Slicer uploads a volume once, then segments it by id), in API memory
+    max_sessions: int = Field(32, ge=1)
+    max_session_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="all sessions' files together")
+    session_expiry_s: int = Field(3600, ge=60)
 
     # dynamic batching: a batch closes at this many samples (sum of k) or after this delay. 16 suits
     # a CPU, where a batch of 64 samples ran slower than the same samples one image at a time
