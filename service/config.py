@@ -54,6 +54,10 @@ class Settings(BaseSettings):
     max_sessions: int = Field(32, ge=1)
     max_session_bytes: int = Field(256 * 1024 * 1024, ge=1024, description="all sessions' files together")
     session_expiry_s: int = Field(3600, ge=60)
+    # the PACS a viewer's image ids refer to (OHIF names a series by its UID): its DICOMweb root,
+    # e.g. http://orthanc:8042/dicom-web, and a bearer token if it asks for one
+    dicomweb_url: str | None = None
+    dicomweb_token: SecretStr | None = None
 
     # dynamic batching: a batch closes at this many samples (sum of k) or after this delay. 16 suits
     # a CPU, where a batch of 64 samples ran slower than the same samples one image at a time

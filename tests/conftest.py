@@ -100,3 +100,63 @@ def redis_process():
 def redis_url(redis_process):
     redis_process.flush()
     return redis_process.url
+
+
+class OrthancProcess:
+    """A real PACS: Debian's Orthanc with its DICOMweb plugin, on a free loopback port, storing in a
+    temporary folder; what OHIF shows and what carseg fetches a series from by its UID."""
+
+    PLUGIN = "/usr/share/orthanc/plugins/libOrthancDicomWeb.so"
+
+    def __init__(self, folder) -> None:
+        from tests.embedded import free_port
+
+        self.binary = require_binary("Orthanc", "orthanc orthanc-dicomweb")
+        if not os.path.exists(self.PLUGIN):
+            require_binary("orthanc-dicomweb-plugin-missing", "orthanc-dicomweb")
+        self.folder, self.port = folder, free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.proc = None
+
+    def start(self) -> OrthancProcess:
+        import json
+        import subprocess
+        import time
+
+        import httpx
+
+        config = {
+            "Name": "carseg-test", "HttpPort": self.port, "DicomServerEnabled": False, "RemoteAccessAllowed": False,
+            "AuthenticationEnabled": False, "StorageDirectory": str(self.folder / "storage"), "IndexDirectory": str(self.folder / "index"),
+            "Plugins": [self.PLUGIN], "DicomWeb": {"Enable": True, "Root": "/dicom-web/"},
+        }
+        path = self.folder / "orthanc.json"
+        path.write_text(json.dumps(config))
+        self.proc = subprocess.Popen([self.binary, str(path)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/system", timeout=1).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                time.sleep(0.1)  # polling interval while Orthanc opens its index
+        self.stop()
+        raise TimeoutError("Orthanc did not answer within 30 s")
+
+    def store(self, files: list[bytes]) -> None:
+        import httpx
+
+        for data in files:
+            httpx.post(f"{self.url}/instances", content=data, timeout=30).raise_for_status()
+
+    def stop(self) -> None:
+        if self.proc is not None:
+            self.proc.terminate()
+            self.proc.wait(timeout=30)
+
+
+@pytest.fixture(scope="module")
+def orthanc(tmp_path_factory):
+    pacs = OrthancProcess(tmp_path_factory.mktemp("orthanc")).start()
+    yield pacs
+    pacs.stop()

@@ -5,11 +5,13 @@ label read back by nibabel and pynrrd (the NRRD OHIF's extension asks for) on th
 from __future__ import annotations
 
 import gzip
+import io
 import json
 
 import httpx
 import nibabel as nib
 import numpy as np
+import pydicom
 import pytest
 from monailabel.client import MONAILabelClient
 from monailabel.client.client import MONAILabelClientException, MONAILabelUtils
@@ -149,7 +151,7 @@ def test_bad_requests_are_clear(server, volume_file):
     assert httpx.post(url, files=files, data={"params": json.dumps({"k": "many"})}, timeout=30).status_code == 422
     assert httpx.post(url, files=files, data={"params": json.dumps({"result_extension": ".mha"})}, timeout=30).status_code == 422
     no_store = httpx.post(url, params={"image": "spleen_10"}, data={"params": "{}"}, timeout=30)
-    assert no_store.status_code == 400 and "datastore" in no_store.json()["detail"]
+    assert no_store.status_code == 400 and "CARSEG_DICOMWEB_URL" in no_store.json()["detail"]
     assert httpx.post(f"{server.url}/infer/nope", files=files, timeout=30).status_code == 404
     assert httpx.get(f"{server.url}/session/unknown", timeout=30).status_code == 404
 
@@ -167,3 +169,32 @@ def test_the_client_sends_its_key_where_keys_are_required(model_dir, volume_file
         assert client.auth_valid_token()
         assert client.info()["models"]["tiny"]["type"] == "segmentation"
         assert client.infer("tiny", "", {"k": 2}, file=str(volume_file))[0] is not None
+
+
+def test_ohif_names_a_series_in_the_pacs_and_carseg_fetches_it(model_dir, orthanc, tmp_path):
+    """OHIF's MONAI Label extension sends only the SeriesInstanceUID it shows; carseg retrieves the
+    series from the same PACS (QIDO-RS + WADO-RS), as MONAI Label's DICOMweb datastore does."""
+    import nrrd  # noqa: F401 - read_nrrd needs it
+
+    files = ct_series(depth=3, size=32)
+    orthanc.store(files)
+    series_uid = pydicom.dcmread(io.BytesIO(files[0])).SeriesInstanceUID
+    settings = Settings(model_dir=model_dir, dicomweb_url=f"{orthanc.url}/dicom-web")
+    with EmbeddedServer(settings) as srv:
+        params = {"k": K, "seed": SEED, "result_extension": ".nrrd", "result_dtype": "uint16", "result_compress": False}
+        status, _form, parts, _ = MONAILabelUtils.http_multipart(
+            "POST", srv.url, f"/infer/tiny?image={series_uid}&output=all", {"params": json.dumps(params)}, {},
+        )
+        assert status == 200, _form
+        label, header = read_nrrd(parts["label.nrrd"], tmp_path)
+        direct = httpx.post(f"{srv.url}/v1/models/tiny/samples", files=[("image", (f"{i}", f)) for i, f in enumerate(files)],
+                            params={"k": K, "seed": SEED, "format": "nifti"}, timeout=60)
+        samples = np.asarray(nib.Nifti1Image.from_bytes(gzip.decompress(direct.content)).dataobj)
+        np.testing.assert_array_equal(label, (samples.sum(-1) * 2 > K).astype(np.uint16))
+        np.testing.assert_allclose(np.diag(header["space directions"]), (0.8, 0.7, 2.5), atol=1e-5)  # LPS: no sign change
+        missing = httpx.post(f"{srv.url}/infer/tiny", params={"image": "1.2.3.4.5"}, data={"params": "{}"}, timeout=30)
+        assert missing.status_code == 404 and missing.json()["error"] == "series_not_found"
+        assert httpx.post(f"{srv.url}/infer/tiny", params={"image": "../etc"}, data={"params": "{}"}, timeout=30).status_code == 404
+    with EmbeddedServer(Settings(model_dir=model_dir, dicomweb_url="http://127.0.0.1:9/dicom-web")) as srv:
+        down = httpx.post(f"{srv.url}/infer/tiny", params={"image": series_uid}, data={"params": "{}"}, timeout=30)
+        assert down.status_code == 502 and down.json()["error"] == "pacs_unavailable"

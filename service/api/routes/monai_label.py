@@ -28,6 +28,7 @@ from service.api.sessions import Sessions
 from service.codecs.nifti import encode_nifti
 from service.codecs.nrrd import encode_nrrd
 from service.codecs.outputs import class_frequencies
+from service.dicomweb import DicomWeb
 from service.errors import InvalidParameter, InvalidRequest
 from service.jobs import Output
 from service.segmentation import Segmentation
@@ -126,10 +127,14 @@ async def _files(request: Request, form: Any, image: str, session_id: str) -> li
         return [await upload.read()]
     if session_id:
         return _sessions(request).get(session_id).files
+    settings = request.app.state.settings
+    if image and settings.dicomweb_url:
+        token = settings.dicomweb_token.get_secret_value() if settings.dicomweb_token else None
+        return await DicomWeb(settings.dicomweb_url, token, settings.max_upload_bytes, settings.request_timeout_s).series(image)
     if image:
         raise InvalidRequest(
-            f"carseg keeps no datastore, so image id {image!r} names nothing here: send the image as the multipart field 'file' "
-            "or upload it first with PUT /session/ and pass session_id"
+            f"no PACS is configured (CARSEG_DICOMWEB_URL), so image id {image!r} names nothing here: send the image as the "
+            "multipart field 'file' or upload it first with PUT /session/ and pass session_id"
         )
     raise InvalidRequest("neither a 'file', an image id nor a session_id was given")
 
