@@ -62,14 +62,17 @@ def _state_bounds(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     return schema
 
 
+PUBLIC = ("/auth/", "/auth/token")  # MONAI Label's login: asked before the viewer holds a key
+
+
 def _state_auth(schema: dict[str, Any], keyed_metrics: bool) -> None:
-    """Declare the bearer key on the operations that ask for it (all but health, docs and, unless
-    configured, metrics), so that a schema-driven client sends it."""
+    """Declare the bearer key on the operations that ask for it (all but health, docs, the login
+    and, unless configured, metrics), so that a schema-driven client sends it."""
     schema.setdefault("components", {}).setdefault("securitySchemes", {})["apiKey"] = {
         "type": "http", "scheme": "bearer", "description": "a key from CARSEG_API_KEYS",
     }
     for route, path in schema.get("paths", {}).items():
-        if route.startswith("/health") or (route == "/metrics" and not keyed_metrics):
+        if route.startswith("/health") or route in PUBLIC or (route == "/metrics" and not keyed_metrics):
             continue
         for operation in path.values():
             operation["security"] = [{"apiKey": []}]

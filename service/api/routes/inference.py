@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import time
 from enum import StrEnum
-from typing import Annotated
+from typing import Annotated, Literal
 
 import numpy as np
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
@@ -55,8 +55,12 @@ ACCEPTED = {
 }
 FormatQuery = Annotated[
     Format | None,
-    Query(description="json (2-D inputs), npz, nifti (samples: .nii.gz, k on the 4th axis; uncertainty: a zip of float volumes) "
-          "or dicom-seg (samples only, for DICOM inputs: a zip of a BINARY and a FRACTIONAL SEG); default from Accept, else json"),
+    Query(description="json (2-D inputs), npz, nifti (.nii.gz, k on the 4th axis) or dicom-seg (DICOM inputs: a zip of a "
+          "BINARY and a FRACTIONAL SEG); default from Accept, else json"),
+]
+UncertaintyFormatQuery = Annotated[
+    Literal["json", "npz", "nifti"] | None,
+    Query(description="json (2-D inputs), npz or nifti (a zip of float volumes with the sample mean); default from Accept, else json"),
 ]
 KQuery = Annotated[int | None, Query(description="number of samples (1..max_k, default 16)")]
 SeedQuery = Annotated[int | None, Query(description="noise seed; the same (image, seed, k) gives the same masks")]
@@ -165,11 +169,11 @@ def _samples_response(seg: Segmentation, chosen: Format) -> Response:
 async def post_uncertainty(
     name: str, request: Request, segmenter: SegmenterDep, metrics: MetricsDep,
     k: KQuery = None, seed: SeedQuery = None, version: VersionQuery = None, accept: AcceptHeader = None,
-    preview: Annotated[bool, Query(description="add a PNG heat map of sample_entropy")] = False, format: FormatQuery = None,
+    preview: Annotated[bool, Query(description="add a PNG heat map of sample_entropy")] = False, format: UncertaintyFormatQuery = None,
 ) -> Response:
     """p_F and the uncertainty maps computed from k samples (JSON, npz, or a zip of NIfTI volumes
     that adds the sample mean)."""
-    chosen = negotiate(format, accept, (Format.JSON, Format.NPZ, Format.NIFTI))
+    chosen = negotiate(Format(format) if format else None, accept, (Format.JSON, Format.NPZ, Format.NIFTI))
     seg = await _segment(request, segmenter, name, version, k, seed, UNCERTAINTY_NIFTI if chosen is Format.NIFTI else UNCERTAINTY)
     started = time.perf_counter()
     response = await asyncio.to_thread(_uncertainty_response, seg, chosen, preview)

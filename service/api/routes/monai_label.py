@@ -24,6 +24,7 @@ from starlette.datastructures import UploadFile
 
 from service.api.auth import Caller, authenticated
 from service.api.deps import RegistryDep, SettingsDep
+from service.api.schemas import ErrorResponse
 from service.api.sessions import Sessions
 from service.codecs.nifti import encode_nifti
 from service.codecs.nrrd import encode_nrrd
@@ -43,6 +44,33 @@ EXTENSIONS = (".nii.gz", ".nii", ".nrrd")
 DTYPES = ("uint8", "uint16")
 
 
+def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
+    return {code: {"model": ErrorResponse} for code in codes}
+
+
+def _multipart_body(properties: dict[str, dict[str, Any]], required: list[str]) -> dict[str, Any]:
+    schema = {"type": "object", "properties": properties, "required": required}
+    return {"requestBody": {"required": bool(required), "content": {"multipart/form-data": {"schema": schema}}}}
+
+
+BINARY = {"type": "string", "format": "binary"}
+INFER_BODY = _multipart_body({
+    "file": {**BINARY, "description": "the image: NIfTI, DICOM (an instance or a zip of a series), PNG, JPEG or .npy"},
+    "params": {"type": "string", "description": 'JSON: {"k", "seed", "samples", "result_extension", "result_dtype", "result_compress"}'},
+}, [])
+SESSION_BODY = _multipart_body({"files": {"type": "array", "items": BINARY, "description": "an image, or a DICOM series' files"}}, ["files"])
+TOKEN_BODY = {"requestBody": {"required": True, "content": {"application/x-www-form-urlencoded": {"schema": {
+    "type": "object", "required": ["username", "password"],
+    "properties": {"username": {"type": "string"}, "password": {"type": "string", "description": "an API key"},
+                   "grant_type": {"type": "string"}},
+}}}}}
+INFER_RESPONSES = {
+    **_errors(400, 401, 404, 413, 415, 422, 429, 500, 502, 503, 504),
+    200: {"description": "output=all: multipart (params, then the label file); json: params; image: the label file",
+          "content": {"multipart/form-data": {}, "application/json": {}, "application/octet-stream": {}}},
+}
+
+
 class ResultType(StrEnum):
     image = "image"
     json = "json"
@@ -59,7 +87,7 @@ async def auth_enabled(request: Request) -> dict[str, Any]:
     return {"enabled": request.app.state.api_keys.required, "client_id": "carseg", "realm-uri": ""}
 
 
-@login.post("/token")
+@login.post("/token", responses=_errors(400, 401), openapi_extra=TOKEN_BODY)
 async def auth_token(request: Request) -> dict[str, Any]:
     """OAuth2's password grant, as the MONAI Label client sends it: any user name, an API key as the password."""
     async with request.form(max_files=0, max_fields=8) as form:
@@ -70,12 +98,12 @@ async def auth_token(request: Request) -> dict[str, Any]:
     return {"access_token": password, "token_type": "Bearer"}
 
 
-@login.get("/token/valid", dependencies=[Depends(authenticated)])
+@login.get("/token/valid", dependencies=[Depends(authenticated)], responses=_errors(401))
 async def auth_token_valid() -> dict[str, Any]:
     return {"valid": True}
 
 
-@router.get("/info/")
+@router.get("/info/", responses=_errors(401))
 async def info(request: Request, registry: RegistryDep, settings: SettingsDep) -> dict[str, Any]:
     """The app as MONAI Label describes one: each model an inferer of type segmentation."""
     models = {}
@@ -216,7 +244,7 @@ def _answer(seg: Segmentation, params: dict[str, Any], output: ResultType, timin
     return Response(body, media_type=content_type)
 
 
-@router.post("/infer/{model}")
+@router.post("/infer/{model}", responses=INFER_RESPONSES, openapi_extra=INFER_BODY)
 async def infer(
     model: str, request: Request,
     image: Annotated[str, Query(description="an image id (carseg keeps no datastore: use file or session_id)")] = "",
@@ -241,7 +269,7 @@ async def infer(
         return await asyncio.to_thread(_answer, seg, params, output or ResultType.all, timings)
 
 
-@router.put("/session/")
+@router.put("/session/", responses=_errors(400, 401, 413, 422), openapi_extra=SESSION_BODY)
 async def create_session(
     request: Request,
     expiry: Annotated[int, Query(description="seconds to keep it (0: the server's maximum)")] = 0,
@@ -259,11 +287,8 @@ async def create_session(
     return {"session_id": session.id, "session_info": session.info()}
 
 
-@router.get("/session/{session_id}")
-async def get_session(session_id: str, request: Request) -> dict[str, Any]:
-    return _sessions(request).get(session_id).info()
-
-
-@router.delete("/session/{session_id}")
-async def remove_session(session_id: str, request: Request) -> dict[str, Any]:
-    return _sessions(request).remove(session_id).info()
+@router.api_route("/session/{session_id}", methods=["GET", "DELETE"], responses=_errors(401, 404))
+async def session(session_id: str, request: Request) -> dict[str, Any]:
+    """GET: the session's description; DELETE: forget it (one route, so a 405 names both methods)."""
+    sessions = _sessions(request)
+    return (sessions.remove(session_id) if request.method == "DELETE" else sessions.get(session_id)).info()
