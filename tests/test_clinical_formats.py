@@ -177,6 +177,9 @@ def test_formats_that_do_not_fit_the_input_are_refused_with_what_would(server):
     r = post(server, [png(np.zeros((32, 32), np.uint8))], format="dicom-seg")
     assert r.status_code == 422 and "DICOM input" in r.json()["detail"]
     r = post(server, [png(np.zeros((32, 32), np.uint8))], route="uncertainty", format="dicom-seg")
+    assert r.status_code == 422 and "nifti" in r.json()["detail"]  # not one of its formats
+    r = httpx.post(f"{server.url}/v1/models/tiny/uncertainty", files={"image": ("x", png(np.zeros((32, 32), np.uint8)))},
+                   headers={"Accept": "application/dicom"}, timeout=30)
     assert r.status_code == 406
     r = httpx.post(f"{server.url}/v1/models/tiny/samples", files={"image": ("x", volume)}, params={"k": K},
                    headers={"Accept": "application/x-nifti"}, timeout=30)

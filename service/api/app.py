@@ -4,6 +4,7 @@ is the caller's choice (``service.server.open_queue``): this package never impor
 from __future__ import annotations
 
 import logging
+import re
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,7 +19,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from service.api.admission import Admission
 from service.api.auth import ApiKeys
 from service.api.middleware import BodyLimit, RequestLog
-from service.api.routes import contours, health, inference, models, monai_label, viewer
+from service.api.routes import contours, health, inference, models, monai_label, v2, viewer
 from service.api.sessions import Sessions
 from service.config import Settings
 from service.errors import ServiceError
@@ -38,6 +39,16 @@ def _error(request: Request, exc: ServiceError) -> JSONResponse:
     return JSONResponse({"error": exc.reason, "detail": exc.detail}, status_code=exc.status, headers=exc.headers)
 
 
+def _allowed(request: Request, fallback: str) -> str:
+    """The methods the OpenAPI document lists on the request's path (Starlette names only the first
+    matching route's, wrong where GET and DELETE are separate routes); ``fallback`` off the document."""
+    methods: set[str] = set()
+    for template, operations in request.app.openapi().get("paths", {}).items():
+        if re.fullmatch(re.sub(r"\{[^}/]+\}", "[^/]+", template), request.url.path):
+            methods |= {method.upper() for method in operations}
+    return ", ".join(sorted(methods)) or fallback
+
+
 def _state_bounds(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     """The OpenAPI document with the bounds this deployment enforces, so that a schema-driven
     client knows them: k and seed (query and JSON body) and the size of a base64 image."""
@@ -55,7 +66,8 @@ def _state_bounds(schema: dict[str, Any], settings: Settings) -> dict[str, Any]:
     for path in schema.get("paths", {}).values():
         for operation in path.values():
             for parameter in operation.get("parameters", []):
-                bound(parameter["schema"], parameter["name"])
+                if parameter["name"] != "image":  # a query's image is an id (MONAI Label's), not base64 bytes
+                    bound(parameter["schema"], parameter["name"])
             body = operation.get("requestBody", {}).get("content", {}).get("application/json", {}).get("schema", {})
             for name, field in body.get("properties", {}).items():
                 bound(field, name)
@@ -106,6 +118,7 @@ def create_app(settings: Settings, open_queue: QueueFactory) -> FastAPI:
     app.include_router(contours.router)
     app.include_router(models.router)
     app.include_router(health.router)
+    app.include_router(v2.router)
     app.include_router(monai_label.router)
     app.include_router(monai_label.login)
     app.include_router(viewer.router)
@@ -123,8 +136,13 @@ def create_app(settings: Settings, open_queue: QueueFactory) -> FastAPI:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         reason = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        # the headers matter: a 405 names the methods allowed (Allow)
-        return JSONResponse({"error": reason, "detail": str(exc.detail)}, status_code=exc.status_code, headers=exc.headers)
+        # the headers matter: a 405 names the methods allowed (Allow), of every route on the path
+        # (Starlette names only the first route's, wrong where GET and DELETE are separate routes)
+        if exc.status_code == 405:
+            headers = {**(exc.headers or {}), "Allow": _allowed(request, (exc.headers or {}).get("Allow", ""))}
+        else:
+            headers = exc.headers
+        return JSONResponse({"error": reason, "detail": str(exc.detail)}, status_code=exc.status_code, headers=headers)
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
