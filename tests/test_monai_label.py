@@ -99,6 +99,16 @@ def test_a_session_serves_a_dicom_series_uploaded_once(server, tmp_path):
         client.infer("tiny", "", {"k": K}, session_id=session_id)
 
 
+def test_slicer_uploads_an_image_by_id_then_segments_it(server, volume_file, tmp_path):
+    client = MONAILabelClient(server.url, tmpdir=str(tmp_path))
+    assert client.upload_image(str(volume_file), "case-7") == {"image": "case-7"}
+    assert httpx.head(f"{server.url}/datastore/image", params={"image": "case-7"}, timeout=30).status_code == 200
+    assert client.info()["datastore"]["total"] >= 1
+    label_path, _ = client.infer("tiny", "case-7", {"k": K, "seed": SEED})
+    np.testing.assert_array_equal(np.asarray(nib.load(label_path).dataobj), majority_of_samples(server, volume_file.read_bytes()))
+    assert httpx.head(f"{server.url}/datastore/image", params={"image": "case-8"}, timeout=30).status_code == 404
+
+
 def test_ohif_asks_for_nrrd_and_gets_it(server, volume_file, tmp_path):
     params = {"k": K, "seed": SEED, "result_extension": ".nrrd", "result_dtype": "uint16", "result_compress": False}
     status, _form, files, _ = MONAILabelUtils.http_multipart(

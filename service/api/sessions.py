@@ -1,5 +1,5 @@
-"""MONAI Label's sessions: an image uploaded once (``PUT /session/``) and segmented by id as often
-as a viewer asks (3D Slicer sends a local volume this way). Held in this API process's memory,
+"""MONAI Label's sessions and uploaded images: an image sent once (``PUT /session/``, or ``PUT
+/datastore/?image=ID`` as 3D Slicer's "upload" does) and segmented by id as often as a viewer asks. Held in this API process's memory,
 bounded in count and bytes, and dropped when they expire: a session is a convenience for a
 viewer, not storage (with several API replicas, route a viewer to one of them)."""
 
@@ -48,10 +48,12 @@ class Sessions:
         for key in [key for key, s in self._sessions.items() if s.last_access + s.expiry_s < now]:
             del self._sessions[key]
 
-    def add(self, files: list[bytes], names: list[str], expiry_s: int) -> Session:
+    def add(self, files: list[bytes], names: list[str], expiry_s: int, name: str | None = None) -> Session:
+        """Keep ``files`` under a new id, or under ``name`` (an image uploaded by id, replaced if it exists)."""
         self._expire()
         expiry = self.max_expiry_s if expiry_s <= 0 else min(expiry_s, self.max_expiry_s)
-        session = Session(uuid.uuid4().hex, files, names, expiry)
+        session = Session(name or uuid.uuid4().hex, files, names, expiry)
+        self._sessions.pop(session.id, None)
         if session.size > self.max_bytes:
             raise PayloadTooLarge(f"a session of {session.size} bytes exceeds the limit of {self.max_bytes}")
         # the least recently used make room: a viewer that comes back after that uploads again
@@ -59,6 +61,14 @@ class Sessions:
             self._sessions.popitem(last=False)
         self._sessions[session.id] = session
         return session
+
+    def __contains__(self, session_id: str) -> bool:
+        self._expire()
+        return session_id in self._sessions
+
+    def __len__(self) -> int:
+        self._expire()
+        return len(self._sessions)
 
     def get(self, session_id: str) -> Session:
         self._expire()

@@ -121,7 +121,7 @@ async def info(request: Request, registry: RegistryDep, settings: SettingsDep) -
     return {
         "name": "carseg", "description": "Calibrated stochastic segmentation (CAR)", "version": VERSION, "labels": labels,
         "models": models, "trainers": {}, "strategies": {}, "scoring": {}, "train_stats": {},
-        "datastore": {"total": 0, "completed": 0, "label_tags": {}},
+        "datastore": {"total": len(request.app.state.sessions), "completed": 0, "label_tags": {}},
     }
 
 
@@ -155,14 +155,16 @@ async def _files(request: Request, form: Any, image: str, session_id: str) -> li
         return [await upload.read()]
     if session_id:
         return _sessions(request).get(session_id).files
+    if image and image in _sessions(request):
+        return _sessions(request).get(image).files  # uploaded by id (PUT /datastore/?image=ID)
     settings = request.app.state.settings
     if image and settings.dicomweb_url:
         token = settings.dicomweb_token.get_secret_value() if settings.dicomweb_token else None
         return await DicomWeb(settings.dicomweb_url, token, settings.max_upload_bytes, settings.request_timeout_s).series(image)
     if image:
         raise InvalidRequest(
-            f"no PACS is configured (CARSEG_DICOMWEB_URL), so image id {image!r} names nothing here: send the image as the "
-            "multipart field 'file' or upload it first with PUT /session/ and pass session_id"
+            f"image id {image!r} names no uploaded image and no PACS is configured (CARSEG_DICOMWEB_URL): send the image as "
+            "the multipart field 'file', or upload it first (PUT /datastore/?image=ID, or PUT /session/ and pass session_id)"
         )
     raise InvalidRequest("neither a 'file', an image id nor a session_id was given")
 
@@ -269,6 +271,30 @@ async def infer(
         return await asyncio.to_thread(_answer, seg, params, output or ResultType.all, timings)
 
 
+UPLOAD_BODY = _multipart_body({"file": {**BINARY, "description": "the image (MONAI Label's params field is accepted and ignored)"}}, ["file"])
+
+
+@router.put("/datastore/", responses=_errors(400, 401, 413, 422), openapi_extra=UPLOAD_BODY)
+@router.put("/datastore/image", responses=_errors(400, 401, 413, 422), openapi_extra=UPLOAD_BODY)
+async def upload_image(request: Request, image: Annotated[str | None, Query(description="the id to keep it under")] = None) -> dict[str, Any]:
+    """Keep an image under an id to segment by ``/infer/{model}?image=ID`` (3D Slicer's upload). It
+    lives in this process's memory like a session, and expires like one."""
+    async with request.form(max_files=1, max_fields=8) as form:
+        upload = form.get("file")
+        if not isinstance(upload, UploadFile):
+            raise InvalidRequest("multipart body has no file field 'file'")
+        data, filename = await upload.read(), upload.filename or "image"
+    name = image or filename.split(".")[0] or uuid.uuid4().hex
+    _sessions(request).add([data], [filename], 0, name=name)
+    return {"image": name}
+
+
+@router.head("/datastore/image", responses=_errors(401, 404))
+async def image_exists(request: Request, image: str) -> Response:
+    _sessions(request).get(image)
+    return Response(status_code=200, media_type="application/json")
+
+
 @router.put("/session/", responses=_errors(400, 401, 413, 422), openapi_extra=SESSION_BODY)
 async def create_session(
     request: Request,
@@ -287,8 +313,11 @@ async def create_session(
     return {"session_id": session.id, "session_info": session.info()}
 
 
-@router.api_route("/session/{session_id}", methods=["GET", "DELETE"], responses=_errors(401, 404))
-async def session(session_id: str, request: Request) -> dict[str, Any]:
-    """GET: the session's description; DELETE: forget it (one route, so a 405 names both methods)."""
-    sessions = _sessions(request)
-    return (sessions.remove(session_id) if request.method == "DELETE" else sessions.get(session_id)).info()
+@router.get("/session/{session_id}", responses=_errors(401, 404))
+async def get_session(session_id: str, request: Request) -> dict[str, Any]:
+    return _sessions(request).get(session_id).info()
+
+
+@router.delete("/session/{session_id}", responses=_errors(401, 404))
+async def remove_session(session_id: str, request: Request) -> dict[str, Any]:
+    return _sessions(request).remove(session_id).info()
