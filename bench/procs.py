@@ -21,6 +21,23 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def logged(args: list[str], env: dict[str, str], repo: Path = REPO) -> subprocess.Popen:
+    """``carseg ARGS`` with its log in a file (``proc.log_path``): a pipe nobody reads fills with
+    access lines and stalls the server after a few hundred requests."""
+    import tempfile
+
+    log = tempfile.NamedTemporaryFile(prefix="carseg-", suffix=".log", delete=False)
+    proc = carseg(args, env, repo, stderr=log.fileno())
+    log.close()
+    proc.log_path = log.name  # type: ignore[attr-defined]
+    return proc
+
+
+def log_tail(proc: subprocess.Popen, chars: int = 2000) -> str:
+    path = getattr(proc, "log_path", None)
+    return Path(path).read_text(errors="replace")[-chars:] if path else ""
+
+
 def carseg(args: list[str], env: dict[str, str], repo: Path = REPO, stderr: int = subprocess.DEVNULL) -> subprocess.Popen:
     """``carseg ARGS`` of the checkout ``repo``: ``-m carseg`` where it has the package, else the
     module older checkouts had, so that a bench can measure the code before a change too."""

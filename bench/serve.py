@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.procs import carseg, free_port, redis_server, stop  # noqa: E402
+from bench.procs import free_port, log_tail, logged, redis_server, stop  # noqa: E402
 from training.checkpoint import load_model  # noqa: E402
 from training.data import open_dataset  # noqa: E402
 from training.sampling import LABELS, sample  # noqa: E402
@@ -124,15 +124,15 @@ def start_path(path: str, model_dir: Path, device: str, budget: int) -> tuple[st
     env = {"CARSEG_BATCH_MAX_SAMPLES": str(budget), "CARSEG_MODEL_DIR": str(model_dir), "CARSEG_DEVICE": device}
     procs: list[subprocess.Popen] = []
     if path == "local":
-        procs.append(carseg(["serve", "--port", str(port)], env, stderr=subprocess.PIPE))
+        procs.append(logged(["serve", "--port", str(port)], env))
     else:
         workers = int(path.removeprefix("redis"))
         redis_port = free_port()
         procs.append(redis_server(redis_port))
         env["CARSEG_REDIS_URL"] = f"redis://127.0.0.1:{redis_port}/0"
         threads = max(1, (os.cpu_count() or 1) // workers) if device == "cpu" else 1
-        procs.append(carseg(["serve", "--port", str(port), "--queue", "redis"], env, stderr=subprocess.PIPE))
-        procs += [carseg(["worker", "--threads", str(threads)], env, stderr=subprocess.PIPE) for _ in range(workers)]
+        procs.append(logged(["serve", "--port", str(port), "--queue", "redis"], env))
+        procs += [logged(["worker", "--threads", str(threads)], env) for _ in range(workers)]
     url = f"http://127.0.0.1:{port}"
     wait_ready(url, procs)
     return url, procs
@@ -143,7 +143,7 @@ def wait_ready(url: str, procs: list[subprocess.Popen]) -> None:
     while time.monotonic() < deadline:
         for proc in procs:
             if proc.poll() is not None:
-                raise RuntimeError(f"a service process exited: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+                raise RuntimeError(f"a service process exited: {log_tail(proc)}")
         try:
             if httpx.get(f"{url}/health/ready", timeout=1).status_code == 200:
                 return

@@ -12,7 +12,6 @@ import argparse
 import gzip
 import io
 import json
-import subprocess
 import time
 from pathlib import Path
 
@@ -20,7 +19,7 @@ import httpx
 import numpy as np
 from PIL import Image
 
-from bench.procs import REPO, carseg, free_port, proc_status, stop
+from bench.procs import REPO, free_port, logged, proc_status, stop
 from bench.serve import wait_ready
 
 
@@ -67,7 +66,7 @@ def main() -> None:
     hu = ct_volume(args.depth, REPO / "data/lidc-sample")
     volume, series = nifti(hu), dicom_series(hu)
     port = free_port()
-    proc = carseg(["serve", "--port", str(port)], {"CARSEG_MODEL_DIR": str(REPO / "models")}, stderr=subprocess.PIPE)
+    proc = logged(["serve", "--port", str(port)], {"CARSEG_MODEL_DIR": str(REPO / "models")})
     url = f"http://127.0.0.1:{port}/v1/models/default"
     params = {"k": args.k, "seed": 3}
     rows = []
