@@ -18,6 +18,7 @@ import numpy as np
 
 from service.codecs.images import Limits, check_image
 from service.codecs.inputs import InputLimits, decode_input
+from service.codecs.outputs import class_frequencies
 from service.codecs.volume import Volume, from_image
 from service.config import Settings
 from service.errors import InvalidParameter, PayloadTooLarge
@@ -58,6 +59,16 @@ class Segmentation:
     def stacked(self, output: Output) -> np.ndarray:
         """One output over all slices, the slice axis first: (D, ...) e.g. labels (D, k, H, W)."""
         return np.stack([result[output] for result in self.results])
+
+    def sample_mean(self) -> np.ndarray:
+        """(D, C - 1, H, W): each foreground class's share of the k samples (needs Output.LABELS)."""
+        classes = len(self.entry.classes)
+        return np.stack([class_frequencies(result[Output.LABELS], classes) for result in self.results])
+
+    @staticmethod
+    def per_voxel(stacked: np.ndarray) -> np.ndarray:
+        """(D, n, H, W) -> (D, H, W, n), the layout of a NIfTI with n maps on its 4th axis; (D, H, W) as it is."""
+        return np.moveaxis(stacked, 1, -1) if stacked.ndim == 4 else stacked
 
 
 class Segmenter:

@@ -163,6 +163,10 @@ def test_bad_requests_are_clear(server, volume_file):
     no_store = httpx.post(url, params={"image": "spleen_10"}, data={"params": "{}"}, timeout=30)
     assert no_store.status_code == 400 and "CARSEG_DICOMWEB_URL" in no_store.json()["detail"]
     assert httpx.post(f"{server.url}/infer/nope", files=files, timeout=30).status_code == 404
+    pinned = {"params": json.dumps({"k": 2, "version": "1"})}
+    assert httpx.post(url, params={"output": "json"}, files=files, data=pinned, timeout=30).json()["carseg"]["version"] == "1"
+    missing = httpx.post(url, files=files, data={"params": json.dumps({"version": "2"})}, timeout=30)
+    assert missing.status_code == 404 and missing.json()["error"] == "model_not_found"
     assert httpx.get(f"{server.url}/session/unknown", timeout=30).status_code == 404
 
 

@@ -10,8 +10,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 
+from fastapi import Request
+
 from service.config import Settings
 from service.errors import RateLimited, Unavailable
+from training.manifest import ModelEntry
 
 
 @dataclass
@@ -61,3 +64,13 @@ class Admission:
                 self._in_flight[caller] = left
             else:
                 del self._in_flight[caller]
+
+
+@asynccontextmanager
+async def admitted(request: Request, model: str, version: str | None) -> AsyncIterator[tuple[ModelEntry, float]]:
+    """How every inference route (/v1, KServe v2, MONAI Label) lets a request in, before its body is
+    read: the caller's slot (rate, in-flight caps), then the model and its queue's room. Yields the
+    model and the deadline, stamped now: the upload counts against it."""
+    deadline = time.time() + request.app.state.settings.request_timeout_s
+    async with request.app.state.admission.slot(request.state.caller.id):
+        yield await request.app.state.segmenter.admit(model, version, deadline), deadline

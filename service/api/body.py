@@ -54,7 +54,8 @@ class ImageBody:
     seed: int | None
 
 
-async def _read_stream(request: Request) -> bytearray:
+async def read_stream(request: Request) -> bytearray:
+    """The body as it streams in, never cached on the request: ``BodyLimit`` stops it at the size limit."""
     body = bytearray()
     async for chunk in request.stream():
         body += chunk
@@ -71,7 +72,7 @@ async def read_body(request: Request) -> ImageBody:
                 raise InvalidRequest("multipart body has no file field 'image'")
             return ImageBody([await upload.read() for upload in uploads], None, None)
     if content_type == "application/json":
-        body = await _read_stream(request)
+        body = await read_stream(request)
         try:
             payload = ImageJSON.model_validate_json(body)
         except ValidationError as exc:

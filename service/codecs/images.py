@@ -101,12 +101,17 @@ def _decode_npy(data: bytes, limits: Limits) -> np.ndarray:
     except (ValueError, OSError, EOFError) as exc:
         raise InvalidImage(f"the .npy file is truncated or corrupt ({exc})") from exc
     if array.dtype.kind == "f":
-        if not np.isfinite(array).all():
-            raise InvalidParameter("the .npy image contains NaN or infinite values")
-        if array.min() < 0.0 or array.max() > 1.0:
-            raise InvalidParameter("float .npy images must hold intensities in [0, 1]")
+        check_unit_interval(array, "a float .npy image")
         array = array.astype(np.float32)
     return array
+
+
+def check_unit_interval(array: np.ndarray, what: str) -> None:
+    """Float pixels are intensities in [0, 1], finite: the contract of a job's float image."""
+    if not np.isfinite(array).all():
+        raise InvalidParameter(f"{what} contains NaN or infinite values")
+    if array.size and (array.min() < 0.0 or array.max() > 1.0):
+        raise InvalidParameter(f"{what} must hold intensities in [0, 1]")
 
 
 def check_image(image: np.ndarray, limits: Limits, channels: int) -> None:

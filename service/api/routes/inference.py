@@ -16,13 +16,14 @@ from typing import Annotated, Literal
 import numpy as np
 from fastapi import APIRouter, Depends, Header, Query, Request, Response
 
-from service.api.auth import Caller, authenticated
+from service.api.admission import admitted
+from service.api.auth import authenticated
 from service.api.body import openapi_body, read_body
 from service.api.deps import MetricsDep, SegmenterDep
 from service.api.schemas import ErrorResponse, SampleResponse, UncertaintyResponse
 from service.codecs.dicom_seg import encode_dicom_seg
 from service.codecs.nifti import encode_nifti
-from service.codecs.outputs import NPZ_MEDIA_TYPE, b64, class_frequencies, heat_png, npy_bytes, npz_bytes, png_bytes, zip_bytes
+from service.codecs.outputs import NPZ_MEDIA_TYPE, b64, heat_png, npy_bytes, npz_bytes, png_bytes, zip_bytes
 from service.errors import NotAcceptable
 from service.jobs import Output
 from service.segmentation import Segmentation, Segmenter
@@ -76,10 +77,7 @@ async def _segment(
         segmenter.check_k(k)
     if seed is not None:
         segmenter.check_seed(seed)
-    deadline = time.time() + request.app.state.settings.request_timeout_s  # the upload counts against it
-    caller: Caller = request.state.caller
-    async with request.app.state.admission.slot(caller.id):
-        entry = await segmenter.admit(name, version, deadline)
+    async with admitted(request, name, version) as (entry, deadline):
         body = await read_body(request)
         k, seed = k if body.k is None else body.k, seed if body.seed is None else body.seed
         request.state.job = {"model": entry.name, "version": entry.version, "k": k}  # for the access log
@@ -112,18 +110,6 @@ def _headers(seg: Segmentation, filename: str) -> dict[str, str]:
     }
 
 
-def _display_stack(seg: Segmentation, output: Output) -> np.ndarray:
-    """An output over all slices with its per-sample or per-class axis last: (D, H, W[, n])."""
-    stacked = seg.stacked(output)
-    return np.moveaxis(stacked, 1, -1) if stacked.ndim == 4 else stacked
-
-
-def _mean(seg: Segmentation) -> np.ndarray:
-    """(D, C - 1, H, W): each foreground class's share of the samples."""
-    classes = len(seg.entry.classes)
-    return np.stack([class_frequencies(result[Output.LABELS], classes) for result in seg.results])
-
-
 @router.post(
     "/{name}/samples", response_model=SampleResponse,
     responses={**ERRORS, 200: {"content": {NPZ_MEDIA_TYPE: {}, NIFTI_MEDIA_TYPE: {}, ZIP_MEDIA_TYPE: {}}}},
@@ -147,10 +133,10 @@ def _samples_response(seg: Segmentation, chosen: Format) -> Response:
     if chosen is Format.NPZ:
         return Response(npz_bytes(_named(seg, SAMPLES_NPZ)), media_type=NPZ_MEDIA_TYPE, headers=_headers(seg, "samples.npz"))
     if chosen is Format.NIFTI:
-        data = encode_nifti(_display_stack(seg, Output.LABELS), seg.volume, f"carseg {seg.entry.name} k={seg.k} seed={seg.seed}")
+        data = encode_nifti(seg.per_voxel(seg.stacked(Output.LABELS)), seg.volume, f"carseg {seg.entry.name} k={seg.k} seed={seg.seed}")
         return Response(data, media_type=NIFTI_MEDIA_TYPE, headers=_headers(seg, "samples.nii.gz"))
     if chosen is Format.DICOM_SEG:
-        data = encode_dicom_seg(seg.volume, seg.stacked(Output.LABELS), _mean(seg), seg.entry.classes, seg.entry.name, seg.entry.version)
+        data = encode_dicom_seg(seg.volume, seg.stacked(Output.LABELS), seg.sample_mean(), seg.entry.classes, seg.entry.name, seg.entry.version)
         return Response(data, media_type=ZIP_MEDIA_TYPE, headers=_headers(seg, "segmentation.zip"))
     masks = seg.result[Output.LABELS]
     height, width = masks.shape[1:]
@@ -184,8 +170,8 @@ async def post_uncertainty(
 def _uncertainty_response(seg: Segmentation, chosen: Format, preview: bool) -> Response:
     if chosen is Format.NIFTI:
         description = f"carseg {seg.entry.name} k={seg.k} seed={seg.seed}"
-        volumes = {f"{label}.nii.gz": encode_nifti(_display_stack(seg, output), seg.volume, description) for output, label in UNCERTAINTY.items()}
-        volumes["mean.nii.gz"] = encode_nifti(np.moveaxis(_mean(seg), 1, -1), seg.volume, description)
+        volumes = {f"{label}.nii.gz": encode_nifti(seg.per_voxel(seg.stacked(output)), seg.volume, description) for output, label in UNCERTAINTY.items()}
+        volumes["mean.nii.gz"] = encode_nifti(seg.per_voxel(seg.sample_mean()), seg.volume, description)
         return Response(zip_bytes(volumes), media_type=ZIP_MEDIA_TYPE, headers=_headers(seg, "uncertainty.zip"))
     if chosen is Format.JSON:
         seg.result  # noqa: B018 - a volume has no JSON form; this refuses it with the formats that fit

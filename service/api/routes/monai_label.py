@@ -22,13 +22,13 @@ import numpy as np
 from fastapi import APIRouter, Depends, Query, Request, Response
 from starlette.datastructures import UploadFile
 
-from service.api.auth import Caller, authenticated
+from service.api.admission import admitted
+from service.api.auth import authenticated
 from service.api.deps import RegistryDep, SettingsDep
 from service.api.schemas import ErrorResponse
 from service.api.sessions import Sessions
 from service.codecs.nifti import encode_nifti
 from service.codecs.nrrd import encode_nrrd
-from service.codecs.outputs import class_frequencies
 from service.dicomweb import DicomWeb
 from service.errors import InvalidParameter, InvalidRequest
 from service.jobs import Output
@@ -238,9 +238,8 @@ def _answer(seg: Segmentation, params: dict[str, Any], output: ResultType, timin
     files = [(name, label)]
     if params.get("samples"):
         description = f"carseg {seg.entry.name} k={seg.k} seed={seg.seed}"
-        labels = np.moveaxis(seg.stacked(Output.LABELS), 1, -1)
-        mean = np.moveaxis(np.stack([class_frequencies(r[Output.LABELS], len(seg.entry.classes)) for r in seg.results]), 1, -1)
-        files += [("samples.nii.gz", encode_nifti(labels, seg.volume, description)), ("mean.nii.gz", encode_nifti(mean, seg.volume, description))]
+        samples, mean = seg.per_voxel(seg.stacked(Output.LABELS)), seg.per_voxel(seg.sample_mean())
+        files += [("samples.nii.gz", encode_nifti(samples, seg.volume, description)), ("mean.nii.gz", encode_nifti(mean, seg.volume, description))]
         result["carseg"]["files"] = [f for f, _ in files]
     body, content_type = _multipart(result, files)
     return Response(body, media_type=content_type)
@@ -254,14 +253,13 @@ async def infer(
     output: Annotated[ResultType | None, Query(description="image: the label file; json: params; all (default): both")] = None,
 ) -> Response:
     """Segment the uploaded ``file`` (or a session's image): the samples' majority as a label volume."""
-    settings, segmenter = request.app.state.settings, request.app.state.segmenter
+    segmenter = request.app.state.segmenter
     started = time.perf_counter()
-    deadline = time.time() + settings.request_timeout_s
-    caller: Caller = request.state.caller
-    async with request.app.state.admission.slot(caller.id):
+    async with admitted(request, model, None) as (entry, deadline):
         async with request.form(max_files=2, max_fields=8) as form:
             params = _params(form.get("params") if isinstance(form.get("params"), str) else None)  # type: ignore[arg-type]
-            entry = await segmenter.admit(model, params.get("version"), deadline)
+            if params.get("version") is not None:  # a pinned version comes in the body; the queue admitted the model
+                entry = segmenter.registry.get(model, str(params["version"]))
             files = await _files(request, form, image, session_id)
         request.state.job = {"model": entry.name, "version": entry.version, "k": params.get("k")}
         pre = time.perf_counter()

@@ -28,9 +28,12 @@ from fastapi.responses import JSONResponse
 from fastapi.routing import APIRoute
 from pydantic import BaseModel, Field
 
+from service.api.admission import admitted
 from service.api.auth import authenticated
+from service.api.body import read_stream
 from service.api.deps import MetricsDep, RegistryDep, SegmenterDep
 from service.api.routes import health
+from service.codecs.images import check_unit_interval
 from service.codecs.tensors import DATATYPES, HEADER_LENGTH, InferRequest, build_response, check_media, datatype_name, parse_request
 from service.errors import InvalidParameter, InvalidRequest, ServiceError
 from service.jobs import Output
@@ -302,10 +305,7 @@ def _image(array: np.ndarray, channels: int) -> np.ndarray:
     if array.ndim != 3:
         raise InvalidParameter(f"input 'image' must be [H, W], [H, W, C] or either with a leading batch of 1, got {list(shape)}")
     if array.dtype == np.float32:
-        if not np.isfinite(array).all():
-            raise InvalidParameter("input 'image' holds NaN or infinite values")
-        if array.size and (array.min() < 0.0 or array.max() > 1.0):
-            raise InvalidParameter("an FP32 image must hold intensities in [0, 1]")
+        check_unit_interval(array, "an FP32 image")
     return np.ascontiguousarray(array)
 
 
@@ -341,21 +341,11 @@ def _requested(request: InferRequest) -> list[tuple[str, bool]]:
     return [(o.name, o.binary) for o in request.outputs]
 
 
-async def _read(request: Request) -> bytes:
-    """The body as it streams in: ``BodyLimit`` stops it at the size limit."""
-    body = bytearray()
-    async for chunk in request.stream():
-        body += chunk
-    return bytes(body)
-
-
 async def _infer(request: Request, segmenter: Segmenter, metrics: Metrics, name: str, version: str | None) -> Response:
     check_media(request.headers.get("content-type"), request.headers.get("content-encoding"))
     settings = request.app.state.settings
-    deadline = time.time() + settings.request_timeout_s  # the upload counts against it, as on /v1
-    async with request.app.state.admission.slot(request.state.caller.id):
-        entry = await segmenter.admit(name, version, deadline)
-        body = await _read(request)
+    async with admitted(request, name, version) as (entry, deadline):
+        body = bytes(await read_stream(request))
         inputs = await asyncio.to_thread(_read_inputs, body, request.headers.get(HEADER_LENGTH), entry, settings.max_upload_bytes)
         del body
         wanted = _requested(inputs.request)
