@@ -169,32 +169,29 @@ async def _files(request: Request, form: Any, image: str, session_id: str) -> li
     raise InvalidRequest("neither a 'file', an image id nor a session_id was given")
 
 
-def _majority(seg: Segmentation) -> np.ndarray:
-    """(D, H, W): the class more than half of the samples mark; background where none does."""
-    labels = seg.stacked(Output.LABELS)  # (D, k, H, W)
+def _majority(seg: Segmentation, labels: np.ndarray) -> np.ndarray:
+    """``labels`` (D, k, H, W) -> (D, H, W): the class more than half of the samples mark; background where none does."""
     counts = np.stack([(labels == c).sum(axis=1) for c in range(len(seg.entry.classes))], axis=1)
     winner = counts.argmax(axis=1)
     return np.where(counts.max(axis=1) * 2 > seg.k, winner, 0).astype(np.uint8)
 
 
-def _summary(seg: Segmentation) -> dict[str, Any]:
-    """How the k samples disagree, in numbers a viewer can show beside the label."""
-    labels = seg.stacked(Output.LABELS)
+def _summary(seg: Segmentation, labels: np.ndarray) -> dict[str, Any]:
+    """How the k samples (``labels`` (D, k, H, W)) disagree, in numbers a viewer can show beside the label."""
+    areas = {name: [int((labels[:, s] == index).sum()) for s in range(seg.k)] for name, index in _labels(seg.entry.classes).items()}
     voxel_ml = float(np.prod(seg.volume.spacing)) / 1000.0
-    volumes = {name: [round(float((labels[:, s] == index).sum()) * voxel_ml, 4) for s in range(seg.k)]
-               for name, index in _labels(seg.entry.classes).items()}
     return {
         "model": seg.entry.name, "version": seg.entry.version, "k": seg.k, "seed": seg.seed,
-        "sample_volumes_ml": volumes if seg.volume.kind != "image" else None,
-        "sample_areas_px": {name: [int((labels[:, s] == index).sum()) for s in range(seg.k)]
-                            for name, index in _labels(seg.entry.classes).items()},
+        "sample_volumes_ml": {name: [round(a * voxel_ml, 4) for a in counts] for name, counts in areas.items()}
+        if seg.volume.kind != "image" else None,
+        "sample_areas_px": areas,
         "mean_aleatoric_entropy": float(seg.stacked(Output.ALEATORIC_ENTROPY).mean()),
         "mean_mutual_information": float(seg.stacked(Output.MUTUAL_INFORMATION).mean()),
     }
 
 
-def _label_file(seg: Segmentation, extension: str, dtype: str, compress: bool) -> tuple[str, bytes]:
-    majority = _majority(seg).astype(dtype)
+def _label_file(seg: Segmentation, labels: np.ndarray, extension: str, dtype: str, compress: bool) -> tuple[str, bytes]:
+    majority = _majority(seg, labels).astype(dtype)
     if extension == ".nrrd":
         return "label.nrrd", encode_nrrd(majority, seg.volume, compress)
     data = encode_nifti(majority, seg.volume, f"carseg {seg.entry.name} majority of k={seg.k}")
@@ -226,8 +223,9 @@ def _answer(seg: Segmentation, params: dict[str, Any], output: ResultType, timin
     if dtype not in DTYPES:
         raise InvalidParameter(f"params.result_dtype must be one of {DTYPES}, got {dtype!r}")
     started = time.perf_counter()
-    result: dict[str, Any] = {"label_names": _labels(seg.entry.classes), "centroids": {}, "carseg": _summary(seg)}
-    name, label = _label_file(seg, extension, dtype, bool(params.get("result_compress", True)))
+    labels = seg.stacked(Output.LABELS)  # (D, k, H, W), once for the label, the summary and the samples
+    result: dict[str, Any] = {"label_names": _labels(seg.entry.classes), "centroids": {}, "carseg": _summary(seg, labels)}
+    name, label = _label_file(seg, labels, extension, dtype, bool(params.get("result_compress", True)))
     timings["write"] = time.perf_counter() - started
     result["latencies"] = {**{key: round(value, 3) for key, value in timings.items()}, "invert": 0.0, "transform": None,
                            "total": round(sum(timings.values()), 3)}
@@ -238,7 +236,7 @@ def _answer(seg: Segmentation, params: dict[str, Any], output: ResultType, timin
     files = [(name, label)]
     if params.get("samples"):
         description = f"carseg {seg.entry.name} k={seg.k} seed={seg.seed}"
-        samples, mean = seg.per_voxel(seg.stacked(Output.LABELS)), seg.per_voxel(seg.sample_mean())
+        samples, mean = seg.per_voxel(labels), seg.per_voxel(seg.sample_mean())
         files += [("samples.nii.gz", encode_nifti(samples, seg.volume, description)), ("mean.nii.gz", encode_nifti(mean, seg.volume, description))]
         result["carseg"]["files"] = [f for f, _ in files]
     body, content_type = _multipart(result, files)
