@@ -17,11 +17,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from service.codecs.images import Limits, check_image
-from service.codecs.inputs import InputLimits, decode_input
+from service.codecs.inputs import decode_input
 from service.codecs.outputs import class_frequencies
-from service.codecs.volume import Volume, from_image
+from service.codecs.volume import InputLimits, Volume, from_image
 from service.config import Settings
-from service.errors import InvalidParameter, PayloadTooLarge
+from service.errors import InvalidParameter
 from service.jobs import Job, JobResult, Output
 from service.queue import JobQueue
 from service.registry import ModelRegistry
@@ -102,7 +102,9 @@ class Segmenter:
         """Check the parameters, decode the upload (an image, a volume or a DICOM series), queue a
         job per slice for ``outputs`` and wait for the results."""
         k, seed = self.check_k(k), self.check_seed(seed)
-        limits = InputLimits(dataclasses.replace(self.limits, k=k), self.settings.max_slices, self.settings.max_slices)
+        limits = InputLimits(
+            dataclasses.replace(self.limits, k=k), self.settings.max_slices, self.settings.max_slices, self.settings.max_volume_pixel_samples,
+        )
         volume = await asyncio.to_thread(decode_input, files, limits, entry.in_channels, entry.manifest)
         del files  # the files' bytes are not needed beside their pixels
         return await self.run_volume(entry, volume, k, seed, outputs, deadline)
@@ -117,14 +119,9 @@ class Segmenter:
         self, entry: ModelEntry, volume: Volume, k: int | None, seed: int | None, outputs: frozenset[Output], deadline: float,
     ) -> Segmentation:
         k, seed = self.check_k(k), self.check_seed(seed)
-        depth, height, width = volume.slices.shape[:3]
+        # a decoded volume met its limits from its header; this holds a tensor's caller to the same per-slice ones
         check_image(volume.slices[0], dataclasses.replace(self.limits, k=k), entry.in_channels)
-        cost = depth * height * width * k
-        if depth > 1 and cost > self.settings.max_volume_pixel_samples:
-            raise PayloadTooLarge(
-                f"{depth} slices x {height} x {width} pixels x k={k} is {cost} pixel-samples, over the volume limit of "
-                f"{self.settings.max_volume_pixel_samples}: ask for fewer samples or send fewer slices"
-            )
+        depth = volume.depth
         gate = asyncio.Semaphore(SLICES_IN_FLIGHT)
 
         async def one(index: int) -> JobResult:

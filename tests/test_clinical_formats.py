@@ -203,8 +203,9 @@ def bad_inputs() -> dict[str, tuple[list[bytes], int]]:
     two_series = [ct_slice(hu, 0), ct_slice(hu, 1, series_uid="1.2.826.0.1.3680043.8.498.9")]
     rgb = nifti_bytes(np.zeros((8, 8, 2, 3), np.uint8), np.eye(4))
     ones = np.ones((2, 2, 2, 2, 2), np.float32)
-    # a small header followed by 48 MB of zeros (~47 kB gzipped): more than any volume the limits admit
-    bomb = gzip.compress(_nifti_header((3, 16, 16, 2)) + b"\0" * (48 << 20), compresslevel=9)
+    # a header that declares 64 x 64 x 32 float32 slices (past the volume limit at k = 3) and holds no voxels:
+    # refused from its first 540 inflated bytes
+    declared_big = gzip.compress(_nifti_header((3, 64, 64, 32)))
     return {
         "dicom without pixel data": ([ct_slice(hu, 0, pixel_data=False)], 400),
         "truncated dicom": ([truncated], 400),
@@ -213,7 +214,7 @@ def bad_inputs() -> dict[str, tuple[list[bytes], int]]:
         "4-D nifti with 3 volumes": ([rgb], 422),
         "complex nifti": ([nifti_bytes(np.zeros((8, 8, 2), np.complex64), np.eye(4))], 422),
         "absurd nifti size": ([_nifti_header((3, 30000, 30000, 2))], 413),
-        "nifti gzip bomb": ([bomb], 413),
+        "nifti declaring a volume past the limit": ([declared_big], 413),
         "nifti header only": ([_nifti_header((3, 16, 16, 2))], 400),
         "nan nifti": ([nifti_bytes(np.full((8, 8, 2), np.nan, np.float32), np.eye(4))], 422),
         "not a zip of dicom": ([zip_of({"a.txt": b"hello"})], 400),
@@ -251,3 +252,17 @@ def test_a_volume_past_its_cost_limit_is_refused_before_it_is_queued(server):
     big = nifti_bytes(np.zeros((64, 64, 20), np.float32), np.eye(4))  # 64 x 64 x 20 x k=4 > 64 x 64 x 16 x 4
     r = post(server, [big], k=4)
     assert r.status_code == 413 and "volume limit" in r.json()["detail"]
+    series = ct_series(depth=20, size=64)  # the same cost as a DICOM series: refused from the headers
+    r = post(server, series, k=4, format="nifti")
+    assert r.status_code == 413 and "volume limit" in r.json()["detail"]
+
+
+def test_a_gzip_bomb_inflates_no_further_than_its_header_declares(server):
+    """48 MB of zeros (47 kB gzipped) after a 16 x 16 x 2 header: only the declared voxels are inflated."""
+    small = np.random.default_rng(0).random((16, 16, 2)).astype(np.float32)
+    plain = nifti_bytes(small, np.eye(4), gz=False)
+    bomb = gzip.compress(plain + b"\0" * (48 << 20), compresslevel=9)
+    assert len(bomb) < 100_000
+    r = post(server, [bomb], format="nifti")
+    assert r.status_code == 200, r.text
+    np.testing.assert_array_equal(read_nifti(r.content).dataobj, read_nifti(post(server, [gzip.compress(plain)], format="nifti").content).dataobj)

@@ -14,8 +14,8 @@ import numpy as np
 import pydicom
 from pydicom.errors import InvalidDicomError
 
-from service.codecs.volume import LPS_TO_RAS, Volume, Window
-from service.errors import InvalidImage, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
+from service.codecs.volume import LPS_TO_RAS, InputLimits, Volume, Window, check_volume
+from service.errors import InvalidImage, InvalidParameter, UnsupportedMediaType
 
 DICOM_MAGIC_OFFSET = 128
 # the pixel module and overlays: what a SEG's source reference never needs, and the bulk of a file
@@ -33,8 +33,8 @@ def _read(data: bytes) -> pydicom.Dataset:
         raise InvalidImage(f"the DICOM file could not be read ({exc})") from exc
 
 
-def _check_header(ds: pydicom.Dataset, max_side: int, max_pixels: int) -> tuple[int, int]:
-    """Rows x columns from the header, checked before any pixel is decoded."""
+def _check_header(ds: pydicom.Dataset) -> tuple[int, int]:
+    """Rows x columns from the header (the limits are checked on the whole series next)."""
     if "PixelData" not in ds:
         raise InvalidImage("the DICOM file has no pixel data")
     frames = int(ds.get("NumberOfFrames", 1) or 1)
@@ -43,8 +43,6 @@ def _check_header(ds: pydicom.Dataset, max_side: int, max_pixels: int) -> tuple[
     rows, cols = int(ds.get("Rows", 0) or 0), int(ds.get("Columns", 0) or 0)
     if rows < 1 or cols < 1:
         raise InvalidImage(f"the DICOM image is empty ({rows} x {cols})")
-    if rows > max_side or cols > max_side or rows * cols > max_pixels:
-        raise PayloadTooLarge(f"{rows} x {cols} pixels exceeds the limit ({max_side} per side, {max_pixels} in all)")
     return rows, cols
 
 
@@ -131,12 +129,13 @@ def _header_only(ds: pydicom.Dataset) -> pydicom.Dataset:
     return ds
 
 
-def decode_dicom(files: list[bytes], max_side: int, max_pixels: int, channels: int, window: Window | None) -> Volume:
+def decode_dicom(files: list[bytes], limits: InputLimits, channels: int, window: Window | None) -> Volume:
     """Instances of one series (any order) -> a ``Volume`` in [0, 1] (float32) or uint8 for colour."""
     datasets = [_read(data) for data in files]
-    shapes = {_check_header(ds, max_side, max_pixels) for ds in datasets}
+    shapes = {_check_header(ds) for ds in datasets}
     if len(shapes) != 1:
         raise InvalidParameter(f"the series' instances differ in size: {sorted(shapes)}")
+    check_volume(len(datasets), *shapes.pop(), limits)  # before a compressed frame is decoded
     if len({str(ds.get("SeriesInstanceUID", "")) for ds in datasets}) != 1:
         raise InvalidParameter("the files belong to more than one series; send one series per request")
     ordered = _order(datasets)

@@ -38,7 +38,8 @@ def sniff(data: bytes) -> str:
     raise UnsupportedMediaType("the image must be a PNG, JPEG or .npy file")
 
 
-def _check_size(height: int, width: int, limits: Limits) -> None:
+def check_size(height: int, width: int, limits: Limits) -> None:
+    """One image's sides, pixels and pixel-samples (x k) against the limits, from its header."""
     if height < 1 or width < 1:
         raise InvalidImage(f"the image is empty ({height} x {width})")
     if height > limits.max_side or width > limits.max_side or height * width > limits.max_pixels:
@@ -59,7 +60,7 @@ def _decode_pil(data: bytes, limits: Limits) -> np.ndarray:
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             im = Image.open(io.BytesIO(data))
             width, height = im.size
-            _check_size(height, width, limits)  # from the header, before decoding pixels
+            check_size(height, width, limits)  # from the header, before decoding pixels
             im.load()
     except (PayloadTooLarge, InvalidImage):
         raise
@@ -95,7 +96,7 @@ def _decode_npy(data: bytes, limits: Limits) -> np.ndarray:
         raise InvalidParameter(f".npy dtype {dtype} is not accepted; use one of {', '.join(NPY_DTYPES)}")
     if len(shape) not in (2, 3) or (len(shape) == 3 and shape[2] not in (1, 3)):
         raise InvalidParameter(f".npy shape {shape} is not (H, W) or (H, W, C) with C in (1, 3)")
-    _check_size(shape[0], shape[1], limits)
+    check_size(shape[0], shape[1], limits)
     try:
         array = np.load(io.BytesIO(data), allow_pickle=False)
     except (ValueError, OSError, EOFError) as exc:
@@ -118,7 +119,7 @@ def check_image(image: np.ndarray, limits: Limits, channels: int) -> None:
     """An array decoded elsewhere (a tensor, a DICOM or NIfTI slice) meets the same limits as a file."""
     if image.ndim != 3 or image.shape[2] != channels:
         raise InvalidParameter(f"the model takes (H, W, {channels}) images, got shape {tuple(image.shape)}")
-    _check_size(image.shape[0], image.shape[1], limits)
+    check_size(image.shape[0], image.shape[1], limits)
 
 
 def decode_image(data: bytes, limits: Limits, channels: int) -> np.ndarray:

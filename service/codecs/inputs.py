@@ -6,24 +6,16 @@ from __future__ import annotations
 
 import io
 import zipfile
-from dataclasses import dataclass
 from typing import Any
 
 from service.codecs.dicom import decode_dicom, is_dicom
-from service.codecs.images import Limits, decode_image
+from service.codecs.images import decode_image
 from service.codecs.nifti import decode_nifti, is_nifti
-from service.codecs.volume import Volume, Window, from_image
+from service.codecs.volume import InputLimits, Volume, Window, from_image
 from service.errors import InvalidImage, InvalidParameter, PayloadTooLarge, UnsupportedMediaType
 
 ZIP_MAGIC = b"PK\x03\x04"
 FORMATS = "PNG, JPEG, .npy, DICOM (one instance, a zip of a series or several files), NIfTI (.nii, .nii.gz)"
-
-
-@dataclass(frozen=True)
-class InputLimits:
-    image: Limits  # per slice: bytes, sides, pixels, pixel-samples at this k
-    max_slices: int
-    max_files: int
 
 
 def window_of(manifest: dict[str, Any]) -> Window | None:
@@ -74,11 +66,11 @@ def decode_input(files: list[bytes], limits: InputLimits, channels: int, manifes
     if all(is_dicom(data) for data in series):
         if len(series) > limits.max_slices:
             raise PayloadTooLarge(f"{len(series)} slices exceed the limit of {limits.max_slices}")
-        return decode_dicom(series, limits.image.max_side, limits.image.max_pixels, channels, window_of(manifest))
+        return decode_dicom(series, limits, channels, window_of(manifest))
     if len(files) > 1:
         raise UnsupportedMediaType("several files are accepted only as the instances of one DICOM series")
     if is_nifti(first):
-        return decode_nifti(first, limits.image.max_side, limits.image.max_pixels, limits.max_slices, channels, window_of(manifest))
+        return decode_nifti(first, limits, channels, window_of(manifest))
     try:
         return from_image(decode_image(first, limits.image, channels))
     except UnsupportedMediaType as exc:

@@ -12,8 +12,8 @@ import zlib
 
 import numpy as np
 
-from service.codecs.volume import DISPLAY, Volume, Window
-from service.errors import InvalidImage, InvalidParameter, PayloadTooLarge
+from service.codecs.volume import DISPLAY, InputLimits, Volume, Window, check_volume
+from service.errors import InvalidImage, InvalidParameter
 
 GZIP_MAGIC = b"\x1f\x8b"
 NIFTI1_HEADER = 348
@@ -46,68 +46,71 @@ def is_nifti(data: bytes) -> bool:
     return _looks_nifti(data[:NIFTI1_HEADER])
 
 
-def _inflate(data: bytes, limit: int) -> bytes:
-    """Gunzip at most ``limit`` bytes: anything longer is refused, not decompressed."""
-    inflater = zlib.decompressobj(wbits=31)
+def _inflate(data: bytes, size: int) -> bytes:
+    """The first ``size`` bytes of a gzip: a file that says it is small is read as small, whatever follows."""
     try:
-        out = inflater.decompress(data, limit + 1)
+        return zlib.decompressobj(wbits=31).decompress(data, size)
     except zlib.error as exc:
         raise InvalidImage(f"the .nii.gz file is not valid gzip ({exc})") from exc
-    if len(out) > limit:
-        raise PayloadTooLarge(f"the .nii.gz file inflates past {limit} bytes")
-    return out
 
 
-def _load(data: bytes, max_voxels: int):
+def _header(data: bytes):
+    """The header alone (inflating only its bytes), to check before any voxel is read."""
+    import nibabel as nib
+
+    head = _inflate(data, NIFTI2_HEADER) if data.startswith(GZIP_MAGIC) else data[:NIFTI2_HEADER]
+    klass = nib.Nifti2Header if _header_size(head[:4]) == NIFTI2_HEADER else nib.Nifti1Header
+    try:
+        return klass.from_fileobj(io.BytesIO(head), check=True)
+    except Exception as exc:  # nibabel raises HeaderDataError, ValueError, EOFError... for a bad header
+        raise InvalidImage(f"the NIfTI header could not be read ({type(exc).__name__}: {exc})") from exc
+
+
+def _load(data: bytes, header, voxels: int):
+    """The image, inflating no more than the header's offset plus its voxels."""
     import nibabel as nib
 
     if data.startswith(GZIP_MAGIC):
-        # 16 bytes per voxel (complex128) bounds any numeric NIfTI the limits allow, plus its header and extensions
-        data = _inflate(data, max_voxels * 16 + 1024 * 1024)
-    size = _header_size(data[:4])
-    klass = nib.Nifti2Image if size == NIFTI2_HEADER else nib.Nifti1Image
+        size = int(header.get_data_offset()) + voxels * header.get_data_dtype().itemsize
+        data = _inflate(data, size)
+    klass = nib.Nifti2Image if isinstance(header, nib.Nifti2Header) else nib.Nifti1Image
     try:
         return klass.from_bytes(data)
-    except Exception as exc:  # nibabel raises HeaderDataError, ImageFileError, ValueError... for a bad header
+    except Exception as exc:
         raise InvalidImage(f"the NIfTI file could not be read ({type(exc).__name__}: {exc})") from exc
 
 
-def decode_nifti(data: bytes, max_side: int, max_pixels: int, max_slices: int, channels: int, window: Window | None) -> Volume:
+def decode_nifti(data: bytes, limits: InputLimits, channels: int, window: Window | None) -> Volume:
     """A 2-D or 3-D NIfTI (a trailing axis of 1 allowed) -> a ``Volume`` of axial slices, float32 in [0, 1]."""
-    from nibabel.orientations import io_orientation, ornt_transform
+    from nibabel.orientations import apply_orientation, io_orientation, ornt_transform
 
-    image = _load(data, max_slices * max_pixels)
-    shape = tuple(int(n) for n in image.header.get_data_shape())
+    header = _header(data)
+    shape = tuple(int(n) for n in header.get_data_shape())
     while len(shape) > 3 and shape[-1] == 1:
         shape = shape[:-1]
     if len(shape) not in (2, 3):
         raise InvalidParameter(f"a NIfTI image must be 2-D or 3-D, this one is {len(shape)}-D {shape}")
     if channels != 1:
         raise InvalidParameter(f"the model takes {channels}-channel images; NIfTI inputs are greyscale")
-    dtype = image.header.get_data_dtype()
+    dtype = header.get_data_dtype()
     if dtype.kind not in _NUMERIC or dtype.fields is not None:
         raise InvalidParameter(f"NIfTI data type {dtype} is not supported; use an integer or float type")
     shape3 = (*shape, 1)[:3]
-    source = np.asarray(image.header.get_best_affine(), dtype=float)
+    source = np.asarray(header.get_best_affine(), dtype=float)
     to_display = ornt_transform(io_orientation(source), DISPLAY)
-    depth, rows, cols = _display_shape(shape3, to_display)
-    if rows > max_side or cols > max_side or rows * cols > max_pixels:
-        raise PayloadTooLarge(f"slices of {rows} x {cols} pixels exceed the limit ({max_side} per side, {max_pixels} in all)")
-    if depth > max_slices:
-        raise PayloadTooLarge(f"{depth} slices exceed the limit of {max_slices}")
+    check_volume(*_display_shape(shape3, to_display), limits)
+    image = _load(data, header, int(np.prod(shape3)))
     try:
         values = np.asarray(image.dataobj, dtype=np.float32).reshape(shape3)  # scl_slope/inter applied
     except Exception as exc:
         raise InvalidImage(f"the NIfTI voxel data could not be read ({type(exc).__name__}: {exc})") from exc
     if not np.isfinite(values).all():
         raise InvalidParameter("the NIfTI image contains NaN or infinite values")
-    from nibabel.orientations import apply_orientation
-
     display = apply_orientation(values, to_display)
     if window is None and dtype == np.uint8:
         window = Window(127.5, 255.0)  # an 8-bit picture saved as NIfTI reads as its PNG would
     slices = (window or Window.spanning(display)).apply(display)[..., None]
-    zooms = image.header.get_zooms()[:3]
+    zooms = header.get_zooms()[:3]
     spacing = tuple(float(zooms[int(axis)]) if int(axis) < len(zooms) else 1.0 for axis in _source_axes(to_display))
     return Volume(np.ascontiguousarray(slices), "nifti", affine=source, ornt=ornt_transform(DISPLAY, io_orientation(source)),
                   spacing=spacing)  # type: ignore[arg-type]

@@ -13,8 +13,32 @@ from typing import Any
 
 import numpy as np
 
+from service.codecs.images import Limits, check_size
+from service.errors import PayloadTooLarge
+
 # NIfTI world coordinates are RAS+, DICOM's LPS+: the two differ by the sign of x and y
 LPS_TO_RAS = np.diag([-1.0, -1.0, 1.0, 1.0])
+
+
+@dataclass(frozen=True)
+class InputLimits:
+    image: Limits  # per slice: bytes, sides, pixels, pixel-samples at this k
+    max_slices: int
+    max_files: int
+    max_volume_pixel_samples: int  # slices x height x width x k
+
+
+def check_volume(depth: int, rows: int, cols: int, limits: InputLimits) -> None:
+    """A volume's size and cost from its header, before a voxel is read or inflated."""
+    check_size(rows, cols, limits.image)
+    if depth > limits.max_slices:
+        raise PayloadTooLarge(f"{depth} slices exceed the limit of {limits.max_slices}")
+    cost = depth * rows * cols * limits.image.k
+    if depth > 1 and cost > limits.max_volume_pixel_samples:
+        raise PayloadTooLarge(
+            f"{depth} slices x {rows} x {cols} pixels x k={limits.image.k} is {cost} pixel-samples, over the volume limit of "
+            f"{limits.max_volume_pixel_samples}: ask for fewer samples or send fewer slices"
+        )
 
 
 @dataclass(frozen=True)
