@@ -46,7 +46,8 @@ class Settings(BaseSettings):
     # at k = 32 and 256 x 256 at k = 64: about 30 s of one CPU core at the most; raise it on a GPU
     max_pixel_samples: int = Field(2**23, ge=64, description="largest height x width x k a request may ask for")
     # a volume (NIfTI, a DICOM series) is segmented slice by slice, each slice under the limits above;
-    # the whole costs slices x pixels x k: 2**25 admits 128 x 128 x 64 at k = 32 or 512 x 512 x 128 at k = 1
+    # the whole costs slices x pixels x max(k, 8) (8: the float maps an answer may hold per voxel):
+    # 2**25 admits 128 x 128 x 64 at k = 32, 128 x 128 x 256 or 512 x 512 x 16 at k <= 8
     max_slices: int = Field(512, ge=1, description="most slices (or DICOM files) in one request")
     max_volume_pixel_samples: int = Field(2**25, ge=64, description="largest slices x height x width x k a volume may ask for")
     request_timeout_s: float = Field(60.0, gt=0)

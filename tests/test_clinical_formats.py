@@ -249,9 +249,13 @@ def test_a_multi_frame_dicom_is_refused_as_unsupported(server):
 
 
 def test_a_volume_past_its_cost_limit_is_refused_before_it_is_queued(server):
-    big = nifti_bytes(np.zeros((64, 64, 20), np.float32), np.eye(4))  # 64 x 64 x 20 x k=4 > 64 x 64 x 16 x 4
+    big = nifti_bytes(np.zeros((64, 64, 20), np.float32), np.eye(4))  # 64 x 64 x 20 x max(k, 8) > the limit, 64 x 64 x 16 x 4
     r = post(server, [big], k=4)
     assert r.status_code == 413 and "volume limit" in r.json()["detail"]
+    # k = 1 does not make a volume cheap: its answer still holds ~8 float maps per voxel
+    ten = nifti_bytes(np.zeros((64, 64, 10), np.float32), np.eye(4))  # 64 x 64 x 10 x 8 > 64 x 64 x 16 x 4
+    assert post(server, [ten], k=1, route="uncertainty", format="nifti").status_code == 413
+    assert post(server, [nifti_bytes(np.zeros((64, 64, 8), np.float32), np.eye(4))], k=1, route="uncertainty", format="nifti").status_code == 200
     series = ct_series(depth=20, size=64)  # the same cost as a DICOM series: refused from the headers
     r = post(server, series, k=4, format="nifti")
     assert r.status_code == 413 and "volume limit" in r.json()["detail"]

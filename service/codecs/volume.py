@@ -28,16 +28,22 @@ class InputLimits:
     max_volume_pixel_samples: int  # slices x height x width x k
 
 
+MAPS_PER_VOXEL = 8
+
+
 def check_volume(depth: int, rows: int, cols: int, limits: InputLimits) -> None:
     """A volume's size and cost from its header, before a voxel is read or inflated."""
     check_size(rows, cols, limits.image)
     if depth > limits.max_slices:
         raise PayloadTooLarge(f"{depth} slices exceed the limit of {limits.max_slices}")
-    cost = depth * rows * cols * limits.image.k
+    # k samples per voxel cost compute; the answer holds up to ~8 float maps per voxel (p_F, the
+    # uncertainty maps, the mean) whatever k is: a voxel costs at least that much memory
+    per_voxel = max(limits.image.k, MAPS_PER_VOXEL)
+    cost = depth * rows * cols * per_voxel
     if depth > 1 and cost > limits.max_volume_pixel_samples:
         raise PayloadTooLarge(
-            f"{depth} slices x {rows} x {cols} pixels x k={limits.image.k} is {cost} pixel-samples, over the volume limit of "
-            f"{limits.max_volume_pixel_samples}: ask for fewer samples or send fewer slices"
+            f"{depth} slices x {rows} x {cols} pixels x max(k={limits.image.k}, {MAPS_PER_VOXEL}) is {cost} pixel-samples, over "
+            f"the volume limit of {limits.max_volume_pixel_samples}: send fewer slices (or ask for fewer samples)"
         )
 
 
