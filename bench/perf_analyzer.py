@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.procs import carseg, free_port, stop  # noqa: E402
+from bench.procs import carseg, free_port, service_arguments, stop  # noqa: E402
 from bench.serve import closed_loop, wait_ready  # noqa: E402
 
 TOOLS = Path(sys.prefix) / "tools"
@@ -112,13 +112,10 @@ def run_perf_analyzer(tool: PerfAnalyzer, url: str, model: str, data: Path, conc
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", default=str(REPO / "models"))
-    parser.add_argument("--model", default="default")
+    service_arguments(parser, "perf_analyzer.json")
     parser.add_argument("--ks", default="1,16")
     parser.add_argument("--concurrency", default="1,4")
     parser.add_argument("--seconds", type=float, default=6.0, help="per measured cell and tool")
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--json", default=str(REPO / "bench" / "results" / "perf_analyzer.json"))
     args = parser.parse_args()
 
     from PIL import Image

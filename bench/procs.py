@@ -3,6 +3,7 @@ each on a free loopback port."""
 
 from __future__ import annotations
 
+import argparse
 import os
 import socket
 import subprocess
@@ -13,6 +14,15 @@ from pathlib import Path
 import redis
 
 REPO = Path(__file__).resolve().parents[1]
+
+
+def service_arguments(parser: argparse.ArgumentParser, results: str) -> None:
+    """The flags every service bench takes: which model it serves on which device, and where the
+    JSON goes (``bench/results/RESULTS``)."""
+    parser.add_argument("--model-dir", default=str(REPO / "models"))
+    parser.add_argument("--model", default="default")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--json", default=str(REPO / "bench" / "results" / results))
 
 
 def free_port() -> int:

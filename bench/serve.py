@@ -33,7 +33,7 @@ import torch
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from bench.procs import free_port, log_tail, logged, redis_server, stop  # noqa: E402
+from bench.procs import free_port, log_tail, logged, redis_server, service_arguments, stop  # noqa: E402
 from training.checkpoint import load_model  # noqa: E402
 from training.data import open_dataset  # noqa: E402
 from training.sampling import LABELS, sample  # noqa: E402
@@ -156,15 +156,12 @@ def wait_ready(url: str, procs: list[subprocess.Popen]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model-dir", default=str(REPO / "models"))
-    parser.add_argument("--model", default="default")
+    service_arguments(parser, "serve.json")
     parser.add_argument("--ks", default="1,16")
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--seconds", type=float, default=6.0, help="per measured cell")
     parser.add_argument("--budget", type=int, default=16, help="batch budget in samples (service and ceiling alike)")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--paths", default="local", help="comma-separated: local, redis1, redis2")
-    parser.add_argument("--json", default=str(REPO / "bench" / "results" / "serve.json"))
     args = parser.parse_args()
 
     ks = [int(k) for k in args.ks.split(",")]

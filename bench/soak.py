@@ -55,7 +55,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.footprint import crop_png
-from bench.procs import REPO, carseg, free_port, redis_server, stop
+from bench.procs import carseg, free_port, redis_server, service_arguments, stop
 from bench.serve import closed_loop, percentile, wait_ready
 from service.config import Settings
 from service.queue.redis_protocol import Keys
@@ -370,13 +370,10 @@ def main() -> int:
     parser.add_argument("--probe-seconds", type=float, default=20.0)
     parser.add_argument("--probe-concurrency", type=int, default=8)
     parser.add_argument("--max-connections", type=int, default=256, help="the soak client's connection pool")
-    parser.add_argument("--model-dir", default=str(REPO / "models"))
-    parser.add_argument("--model", default="default")
+    service_arguments(parser, "soak-cpu.json")
     parser.add_argument("--budget", type=int, default=16, help="CARSEG_BATCH_MAX_SAMPLES")
-    parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0, help="k mix and arrival times")
     parser.add_argument("--api-key", help="send Authorization: Bearer KEY, and start the API with CARSEG_API_KEYS=KEY")
-    parser.add_argument("--json", default=str(REPO / "bench" / "results" / "soak-cpu.json"))
     args = parser.parse_args()
 
     data = crop_png()
