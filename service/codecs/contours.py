@@ -102,10 +102,10 @@ def display_image(image: np.ndarray) -> np.ndarray:
     elif image.dtype == np.uint16:
         scaled = (image.astype(np.float32) * (255 / 65535) + 0.5).astype(np.uint8)
     else:
-        scaled = (np.clip(image.astype(np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
+        scaled = unit_8bit(image)
     return scaled[..., :3] if scaled.shape[-1] >= 3 else scaled[..., 0]
 
 
-def frequency_8bit(frequency: np.ndarray) -> np.ndarray:
-    """(H, W) frequency in [0, 1] -> uint8 (value * 255, rounded)."""
-    return (np.clip(frequency, 0, 1) * 255 + 0.5).astype(np.uint8)
+def unit_8bit(values: np.ndarray) -> np.ndarray:
+    """Values in [0, 1] (a frequency, a float image) -> uint8 (value * 255, rounded)."""
+    return (np.clip(values.astype(np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)

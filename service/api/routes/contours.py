@@ -16,8 +16,8 @@ from service.api.body import openapi_body
 from service.api.deps import MetricsDep, SegmenterDep
 from service.api.routes.inference import ERRORS, KQuery, SeedQuery, VersionQuery, _segment
 from service.api.schemas import ContourLevel, ContourResponse
-from service.codecs.contours import LEVELS, display_image, frequency_8bit, iso_contours
-from service.codecs.outputs import b64, class_frequencies, png_bytes
+from service.codecs.contours import LEVELS, display_image, iso_contours, unit_8bit
+from service.codecs.outputs import b64, png_bytes
 from service.jobs import Output
 from service.segmentation import Segmentation
 
@@ -44,12 +44,12 @@ def _contours_response(seg: Segmentation) -> Response:
     labels = seg.result[Output.LABELS]  # a volume is refused here: its contours have no JSON form yet
     height, width = labels.shape[1:]
     contours, means = {}, {}
-    for name, frequency in zip(seg.entry.classes[1:], class_frequencies(labels, len(seg.entry.classes)), strict=True):
+    for name, frequency in zip(seg.entry.classes[1:], seg.sample_mean()[0], strict=True):
         by_level = iso_contours(frequency, LEVELS)
         contours[name] = [
             ContourLevel(level=level, polygons=[np.round(p, DECIMALS).tolist() for p in polygons]) for level, polygons in by_level.items()
         ]
-        means[name] = b64(png_bytes(frequency_8bit(frequency)))
+        means[name] = b64(png_bytes(unit_8bit(frequency)))
     payload = ContourResponse(
         model=seg.entry.name, version=seg.entry.version, k=seg.k, seed=seg.seed, height=height, width=width,
         classes=seg.entry.classes, levels=list(LEVELS), contours=contours, mean=means, image=b64(png_bytes(display_image(seg.image))),
