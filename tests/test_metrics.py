@@ -1,8 +1,9 @@
 import numpy as np
 import pytest
+from scipy.optimize import linear_sum_assignment
 
 from training import metrics
-from training.data.cases import Event
+from training.data.cases import Event, KnownDistribution
 
 E = np.zeros((2, 2), np.uint8)  # empty mask
 A = np.array([[1, 1], [0, 0]], np.uint8)
@@ -89,3 +90,80 @@ def test_calibration_error_by_kind():
     assert table["b"]["predicted"] == pytest.approx(0.5)
     with pytest.raises(ValueError, match="at least one event"):
         metrics.calibration_error([])
+
+
+def test_hm_iou_tiles_to_lcm_where_rectangular_matching_differs():
+    # 2 samples {A, E} vs 3 annotators {A, A, E}. Rectangular min(n, m) matching pairs each sample
+    # once (A-A, E-E) and scores 1.0; tiling to lcm 6 must also match the second annotator A, so
+    # one of the two sample copies of E meets an A: mean IoU (2 x 1 + 2 x 1 + 1 + 0) / 6 = 5/6.
+    samples, annotators = stack(A, E), stack(A, A, E)
+    rows, cols = linear_sum_assignment(metrics.pairwise_distances(samples, annotators, [1]))
+    rectangular = 1.0 - metrics.pairwise_distances(samples, annotators, [1])[rows, cols].mean()
+    assert rectangular == pytest.approx(1.0)
+    assert metrics.hm_iou(samples, annotators, [1]) == pytest.approx(5 / 6)
+
+
+def test_ece_weights_bins_by_their_pixel_counts():
+    # 9 pixels at 0.05 observed 0.05 (gap 0) and 1 pixel at 0.95 observed 0 (gap 0.95): weighted
+    # by counts the ECE is 0.095; an unweighted mean over the two filled bins would say 0.475
+    conf = np.array([0.05] * 9 + [0.95])
+    freq = np.array([0.05] * 9 + [0.0])
+    diagram = metrics.reliability(conf, freq)
+    assert diagram.counts[0] == 9 and diagram.counts[9] == 1 and diagram.counts.sum() == 10
+    assert diagram.confidence[9] == pytest.approx(0.95) and np.isnan(diagram.confidence[5])
+    assert metrics.ece(conf, freq) == pytest.approx(0.095)
+    assert diagram.to_json()["confidence"][5] is None
+
+
+def test_ece_over_ambiguous_pixels_tells_an_inverted_rim_from_a_calibrated_one():
+    # a 64 x 64 image, background everywhere but a 40-pixel rim whose true probability is 0.3
+    truth = np.zeros((64, 64))
+    truth.flat[:40] = 0.3
+    calibrated, inverted = truth.copy(), truth.copy()
+    inverted.flat[:40] = 0.7
+    pooled = [metrics.ece(p, truth) for p in (calibrated, inverted)]
+    assert pooled[1] < 0.01  # pooled over every pixel, the inverted rim all but vanishes
+    keep = metrics.ambiguous_pixels(truth, inverted)
+    assert keep.sum() == 40
+    assert metrics.ece(calibrated[keep], truth[keep]) == pytest.approx(0.0)
+    assert metrics.ece(inverted[keep], truth[keep]) == pytest.approx(0.4)
+
+
+def test_a_deterministic_model_fails_the_per_event_error_but_not_the_pooled_one():
+    # p = 0.3 events on 10 images; the model marks them in all 16 samples of 3 images, none of 7
+    records = [("rim", 0.3, np.full(16, i < 3)) for i in range(10)]
+    pooled, _ = metrics.calibration_error(records)
+    assert pooled == pytest.approx(0.0)
+    assert metrics.event_calibration_error(records) == pytest.approx(0.42)
+    floor = metrics.perfect_sampler_floor([0.3] * 10, 16)
+    assert 0.08 < floor < 0.12  # E|Bin(16, .3)/16 - .3|
+    assert metrics.event_calibration_error(records) > 3 * floor
+
+
+def test_perfect_sampler_floor_matches_simulation_and_vanishes_at_certainty():
+    rng = np.random.default_rng(0)
+    simulated = np.abs(rng.binomial(16, 0.3, 200_000) / 16 - 0.3).mean()
+    assert metrics.perfect_sampler_floor([0.3], 16) == pytest.approx(simulated, abs=2e-3)
+    assert metrics.perfect_sampler_floor([0.0, 1.0], 16) == 0.0
+    assert metrics.perfect_sampler_floor([0.5], 1000) < 0.02
+
+
+def test_ged_to_a_known_distribution_is_zero_only_in_the_limit_and_weighs_modes():
+    modes = stack(A, E)
+    # a sampler that always says A, against A w.p. 0.5 and E w.p. 0.5: 2 x 0.5 - 0 - 2 x .25 = 0.5
+    assert metrics.ged_to_distribution(stack(A, A), modes, np.array([0.5, 0.5]), [1]) == pytest.approx(0.5)
+    # samples in the modes' proportions: 2 x .5 - .5 - .5 = 0
+    assert metrics.ged_to_distribution(stack(A, E), modes, np.array([0.5, 0.5]), [1]) == pytest.approx(0.0)
+    with pytest.raises(ValueError, match="summing to 1"):
+        metrics.ged_to_distribution(stack(A), modes, np.array([0.5, 0.2]), [1])
+
+
+def test_known_distribution_modes_enumerate_every_combination_with_its_probability():
+    base = np.zeros((2, 2), np.uint8)
+    top = np.array([[True, True], [False, False]])
+    events = (Event(top, "a", 0.3, 1, 0), Event(~top, "b", 0.6, 2, 0))
+    modes, weights = KnownDistribution(base, events).modes()
+    assert modes.shape == (4, 2, 2) and weights.sum() == pytest.approx(1.0)
+    both = [i for i in range(4) if (modes[i] == np.array([[1, 1], [2, 2]])).all()]
+    assert weights[both[0]] == pytest.approx(0.18)
+    assert KnownDistribution(base, events * 4).modes(max_modes=64) is None

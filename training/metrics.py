@@ -14,6 +14,7 @@ from __future__ import annotations
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
@@ -74,21 +75,58 @@ def hm_iou(samples: np.ndarray, annotators: np.ndarray, classes: Sequence[int]) 
     return float(1.0 - tiled[rows, cols].mean())
 
 
-def ece(confidence: np.ndarray, frequency: np.ndarray, bins: int = 10) -> float:
-    """Expected calibration error of predicted probabilities against observed frequencies:
-    sum_b (N_b / N) |mean(confidence in b) - mean(frequency in b)| over ``bins`` equal-width bins
-    of [0, 1]. For p_F: confidence = p_F(class) per pixel, frequency = the share of annotators who
-    marked that class there, pooled over every pixel of a data set."""
+@dataclass(frozen=True)
+class Reliability:
+    """A reliability diagram: per equal-width bin of [0, 1], how many pixels fell in it, their mean
+    predicted probability and their mean observed frequency. The ECE weights each bin's gap by its
+    share of the pixels, so a bin of 3 pixels cannot count as much as one of 30,000."""
+
+    counts: np.ndarray  # (bins,) int
+    confidence: np.ndarray  # (bins,) mean predicted probability, nan where empty
+    frequency: np.ndarray  # (bins,) mean observed frequency, nan where empty
+
+    @property
+    def ece(self) -> float:
+        filled = self.counts > 0
+        gaps = np.abs(self.confidence[filled] - self.frequency[filled])
+        return float((self.counts[filled] * gaps).sum() / self.counts.sum())
+
+    def to_json(self) -> dict[str, list]:
+        def listed(values: np.ndarray) -> list:
+            return [None if np.isnan(v) else round(float(v), 6) for v in values]
+
+        return {"counts": self.counts.tolist(), "confidence": listed(self.confidence), "frequency": listed(self.frequency)}
+
+
+def reliability(confidence: np.ndarray, frequency: np.ndarray, bins: int = 10) -> Reliability:
+    """Bin predicted probabilities (``confidence``) with the frequencies observed at the same
+    pixels, over ``bins`` equal-width bins of [0, 1] (1.0 falls in the last bin)."""
     confidence = np.asarray(confidence, dtype=np.float64).ravel()
     frequency = np.asarray(frequency, dtype=np.float64).ravel()
     if confidence.shape != frequency.shape:
         raise ValueError(f"confidence and frequency differ in size: {confidence.size} vs {frequency.size}")
     if confidence.size == 0:
-        raise ValueError("ece of an empty set")
+        raise ValueError("reliability of an empty set")
     which = np.clip((confidence * bins).astype(np.int64), 0, bins - 1)
-    conf_sum = np.bincount(which, confidence, minlength=bins)
-    freq_sum = np.bincount(which, frequency, minlength=bins)
-    return float(np.abs(conf_sum - freq_sum).sum() / confidence.size)
+    counts = np.bincount(which, minlength=bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        mean_conf = np.bincount(which, confidence, minlength=bins) / counts
+        mean_freq = np.bincount(which, frequency, minlength=bins) / counts
+    return Reliability(counts, mean_conf, mean_freq)
+
+
+def ece(confidence: np.ndarray, frequency: np.ndarray, bins: int = 10) -> float:
+    """Expected calibration error sum_b (N_b / N) |mean confidence in b - mean frequency in b|."""
+    return reliability(confidence, frequency, bins).ece
+
+
+def ambiguous_pixels(marked: np.ndarray, confidence: np.ndarray, bins: int = 10) -> np.ndarray:
+    """The pixels where a class can be in doubt: some annotator (or the true distribution) marks it
+    there (``marked`` > 0), or the model gives it at least the first bin's upper edge 1 / bins.
+    The rest (model below 1 / bins, nobody marks it) can only add gaps under 1 / bins to the first
+    bin, and in a segmentation they are almost every pixel: pooled in, they push any model's ECE
+    to ~0 (an inverted p_F on a rim scored 0.005)."""
+    return (np.asarray(marked) > 0) | (np.asarray(confidence) >= 1.0 / bins)
 
 
 def event_outcomes(samples: np.ndarray, event: Event) -> tuple[np.ndarray, np.ndarray]:
@@ -123,6 +161,48 @@ def calibration_error(records: Iterable[tuple[str, float, np.ndarray]]) -> tuple
     }
     error = float(np.mean([abs(row["predicted"] - row["true"]) for row in table.values()]))
     return error, table
+
+
+def event_calibration_error(records: Iterable[tuple[str, float, np.ndarray]]) -> float:
+    """Mean over events of |share of the n samples in which the event happened - its probability|.
+    Unlike ``calibration_error``, which pools a kind's events before comparing, a model with no
+    randomness (an event in all samples of 3 images and in none of 7 at p = 0.3) scores
+    (3 x 0.7 + 7 x 0.3) / 10 = 0.42 here, and 0 there."""
+    errors = [abs(float(np.mean(outcomes)) - probability) for _, probability, outcomes in records]
+    if not errors:
+        raise ValueError("event_calibration_error needs at least one event")
+    return float(np.mean(errors))
+
+
+def perfect_sampler_floor(probabilities: Iterable[float], n: int) -> float:
+    """What ``event_calibration_error`` expects of a perfect sampler at n samples: the mean over
+    events of E|K / n - p|, K ~ Binomial(n, p), computed exactly. A model can only be judged
+    against this floor (at n = 16 and p = 0.3 it is 0.09), never against 0."""
+    ks = np.arange(n + 1)
+    log_choose = np.array([math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) for k in ks])
+    floors = []
+    for p in probabilities:
+        if p <= 0.0 or p >= 1.0:
+            floors.append(0.0)
+            continue
+        pmf = np.exp(log_choose + ks * math.log(p) + (n - ks) * math.log1p(-p))
+        floors.append(float((pmf * np.abs(ks / n - p)).sum()))
+    if not floors:
+        raise ValueError("perfect_sampler_floor needs at least one event")
+    return float(np.mean(floors))
+
+
+def ged_to_distribution(samples: np.ndarray, modes: np.ndarray, weights: np.ndarray, classes: Sequence[int]) -> float:
+    """GED against a known distribution given as its modes (M, H, W) and their probabilities (M,):
+    2 E[d(S, Y)] - E[d(S, S')] - E[d(Y, Y')] with Y's expectations weighted exactly, not estimated
+    from a few annotators (the Cityscapes protocol's 32-mode GED)."""
+    weights = np.asarray(weights, dtype=np.float64)
+    if modes.shape[0] != weights.shape[0] or not math.isclose(weights.sum(), 1.0, abs_tol=1e-6):
+        raise ValueError(f"{modes.shape[0]} modes need as many weights summing to 1, got {weights.tolist()}")
+    cross = (pairwise_distances(samples, modes, classes) @ weights).mean()
+    within_s = pairwise_distances(samples, samples, classes).mean()
+    within_y = weights @ pairwise_distances(modes, modes, classes) @ weights
+    return float(2 * cross - within_s - within_y)
 
 
 def foreground_classes(num_classes: int) -> list[int]:

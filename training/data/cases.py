@@ -35,6 +35,20 @@ class KnownDistribution:
             out[:, event.region] = np.where(on[:, None], event.on_label, event.off_label).astype(np.uint8)
         return out
 
+    def modes(self, max_modes: int = 64) -> tuple[np.ndarray, np.ndarray] | None:
+        """Every label map the distribution can give (M, H, W) uint8 with its probability (M,):
+        2^events maps (32 for the Cityscapes protocol), or None when that exceeds ``max_modes``."""
+        count = 2 ** len(self.events)
+        if count > max_modes:
+            return None
+        maps = np.repeat(self.base[None], count, axis=0)
+        weights = np.ones(count)
+        for bit, event in enumerate(self.events):
+            on = (np.arange(count) >> bit) & 1 == 1
+            maps[:, event.region] = np.where(on[:, None], event.on_label, event.off_label).astype(np.uint8)
+            weights *= np.where(on, event.probability, 1.0 - event.probability)
+        return maps, weights
+
     def marginals(self, num_classes: int) -> np.ndarray:
         """Per-pixel class probabilities (C, H, W) float32."""
         probs = np.eye(num_classes, dtype=np.float32)[self.base].transpose(2, 0, 1).copy()
