@@ -31,11 +31,11 @@ def test_a_few_steps_write_a_checkpoint_that_loads_and_samples(tmp_path):
     manifest = model.manifest
     assert manifest["classes"][0] == "background" and manifest["in_channels"] == 3
     assert set(manifest["sha256"]) == {"calibration.safetensors", "refinement.safetensors"}
-    assert "ged" in manifest["metrics"]["validation"]
+    assert "ged_3" in manifest["metrics"]["validation"]
     history = [json.loads(line) for line in (out / STATE_DIR / "history.jsonl").read_text().splitlines()]
     assert history[-1]["step"] == 4
     result = evaluate(model.networks, open_dataset("synthetic:flips", "test", length=2), n_samples=3)
-    for key in ("ged", "hm_iou", "diversity", "ece", "oracle_ged", "calibration_error", "coherence"):
+    for key in ("ged_3", "hm_iou_3", "diversity_3", "ece", "oracle_ged_3", "calibration_error", "event_calibration_error", "coherence"):
         assert np.isfinite(result.summary[key]), key
 
 

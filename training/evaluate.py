@@ -1,9 +1,21 @@
-"""Evaluation of a model on a data set: GED_n, HM-IoU_n, diversity and the ECE of p_F for any
-data; oracle GED_n, calibration error and coherence (of G's samples and, for comparison, of
-per-pixel independent samples from p_F) where the true label distribution is known."""
+"""Evaluation of a sampler on a data set, with the metric names ``carseg evaluate`` writes:
+
+- any data: ``ged_16`` (GED with n = 16 samples), ``hm_iou_16``, ``diversity_16``, ``ged_100``
+  when asked for, and ``ece``: the ECE of p_F over the pixels that can be in doubt
+  (``metrics.ambiguous_pixels``), with its reliability diagram;
+- data whose true distribution is known: ``ged_truth_16`` (GED against every mode, weighted by its
+  probability), the oracle values a perfect sampler gets at the same n (``oracle_ged_16``,
+  ``oracle_ged_truth_16``; ratios only where the oracle is > 0), ``calibration_error`` (each
+  kind's events pooled), ``event_calibration_error`` (event by event) next to
+  ``event_calibration_floor`` (what a perfect sampler scores at n = 16), and ``coherence``.
+
+The sampler is anything ``training.sampling.sample`` runs: CAR's F and G, a baseline
+(``training.baselines``) or the peer method, so every method is judged by the same code.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -19,6 +31,14 @@ from training.sampling import LABELS, P_F, Networks, sample
 class Evaluation:
     summary: dict[str, Any]
     per_kind: dict[str, dict[str, float]] = field(default_factory=dict)
+    reliability: metrics.Reliability | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            **self.summary,
+            "per_kind": self.per_kind,
+            "reliability": self.reliability.to_json() if self.reliability is not None else None,
+        }
 
 
 def sample_case(networks: Networks, case: Case, k: int, seed: int, outputs: tuple[str, ...] = (LABELS, P_F)) -> dict[str, torch.Tensor]:
@@ -26,56 +46,99 @@ def sample_case(networks: Networks, case: Case, k: int, seed: int, outputs: tupl
     return sample(networks, networks.prepare([case.image]), [k], [seed], outputs)[0]
 
 
-def _independent_samples(p_f: np.ndarray, k: int, rng: np.random.Generator) -> np.ndarray:
-    """k label maps drawn pixel by pixel, independently, from p_F (C, H, W)."""
-    cdf = np.cumsum(p_f, axis=0)  # (C, H, W)
-    u = rng.random((k, 1, *p_f.shape[1:]))
-    return (u > cdf[None]).sum(axis=1).clip(max=p_f.shape[0] - 1)
+class _Tally:
+    """What the cases add up to, kept per metric so that missing ones (no truth) stay absent."""
+
+    def __init__(self) -> None:
+        self.values: dict[str, list[float]] = {}
+        self.confidences: list[np.ndarray] = []
+        self.frequencies: list[np.ndarray] = []
+        self.records: list[tuple[str, float, np.ndarray]] = []
+
+    def add(self, name: str, value: float) -> None:
+        self.values.setdefault(name, []).append(value)
+
+    def mean(self, name: str) -> float:
+        return float(np.mean(self.values[name]))
 
 
-def evaluate(networks: Networks, dataset: Dataset, n_samples: int = 16, seed: int = 0) -> Evaluation:
-    num_classes = len(dataset.classes)
-    classes = metrics.foreground_classes(num_classes)
+def _add_pixels(tally: _Tally, case: Case, p_f: np.ndarray, classes: list[int]) -> None:
+    """p_F against the truth's marginals where they are known, else against the annotators' mean,
+    over the ambiguous pixels only."""
+    truth = case.truth.marginals(p_f.shape[0]) if case.truth is not None else None
+    for c in classes:
+        frequency = truth[c] if truth is not None else (case.labels == c).mean(axis=0)
+        keep = metrics.ambiguous_pixels(np.maximum(frequency, (case.labels == c).any(axis=0)), p_f[c])
+        tally.confidences.append(p_f[c][keep])
+        tally.frequencies.append(frequency[keep])
+
+
+def _add_truth(tally: _Tally, case: Case, samples: np.ndarray, n: int, classes: list[int], rng: np.random.Generator) -> None:
+    truth = case.truth
+    assert truth is not None
+    tally.add(f"oracle_ged_{n}", metrics.ged(truth.sample(rng, n), case.labels, classes))
+    modes = truth.modes()
+    if modes is not None:
+        tally.add(f"ged_truth_{n}", metrics.ged_to_distribution(samples, *modes, classes))
+        tally.add(f"oracle_ged_truth_{n}", metrics.ged_to_distribution(truth.sample(rng, n), *modes, classes))
+    for event in truth.events:
+        happened, coherence = metrics.event_outcomes(samples, event)
+        tally.records.append((event.kind, event.probability, happened))
+        tally.add("coherence", float(coherence.mean()))
+
+
+def _ratio(summary: dict[str, Any], name: str, oracle: str, ratio: str) -> None:
+    """``name / oracle`` only where the oracle is > 0: one annotator, or a case with no ambiguity,
+    gives an oracle GED of 0, and a ratio to 0 says nothing."""
+    if summary.get(oracle, 0.0) > 0.0 and name in summary:
+        summary[ratio] = summary[name] / summary[oracle]
+
+
+def evaluate(
+    networks: Networks,
+    dataset: Dataset,
+    n_samples: int = 16,
+    n_large: int | None = None,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> Evaluation:
+    """Score ``networks`` on every case of ``dataset``; ``n_large`` adds GED at that many samples
+    (the literature's GED_100). The first ``n_samples`` samples of a seed are the same whatever
+    the total, so GED_16 is the same with or without ``n_large``."""
+    if n_samples < 1 or (n_large is not None and n_large < n_samples):
+        raise ValueError(f"need 1 <= n_samples <= n_large, got {n_samples} and {n_large}")
+    classes = metrics.foreground_classes(len(dataset.classes))
     rng = np.random.default_rng(seed)
-    geds, hms, divs, oracle = [], [], [], []
-    confidences, frequencies = [], []
-    records, records_indep, coherence, coherence_indep = [], [], [], []
+    tally = _Tally()
+    n = n_samples
     for index in range(len(dataset)):
         case = dataset[index]
-        out = sample_case(networks, case, n_samples, seed + index)
-        samples = out[LABELS].cpu().numpy()  # (n, H, W)
-        p_f = out[P_F].cpu().numpy()  # (C, H, W)
-        geds.append(metrics.ged(samples, case.labels, classes))
-        hms.append(metrics.hm_iou(samples, case.labels, classes))
-        divs.append(metrics.diversity(samples, classes))
-        for c in classes:
-            confidences.append(p_f[c].ravel())
-            frequencies.append((case.labels == c).mean(axis=0).ravel())
+        out = sample_case(networks, case, n_large or n, seed + index)
+        drawn = out[LABELS].cpu().numpy()  # (n_large or n, H, W)
+        samples = drawn[:n]
+        tally.add(f"ged_{n}", metrics.ged(samples, case.labels, classes))
+        tally.add(f"hm_iou_{n}", metrics.hm_iou(samples, case.labels, classes))
+        tally.add(f"diversity_{n}", metrics.diversity(samples, classes))
+        if n_large is not None:
+            tally.add(f"ged_{n_large}", metrics.ged(drawn, case.labels, classes))
+        _add_pixels(tally, case, out[P_F].cpu().numpy(), classes)
         if case.truth is not None:
-            oracle.append(metrics.ged(case.truth.sample(rng, n_samples), case.labels, classes))
-            independent = _independent_samples(p_f, n_samples, rng)
-            for event in case.truth.events:
-                happened, coh = metrics.event_outcomes(samples, event)
-                records.append((event.kind, event.probability, happened))
-                coherence.append(coh.mean())
-                happened_i, coh_i = metrics.event_outcomes(independent, event)
-                records_indep.append((event.kind, event.probability, happened_i))
-                coherence_indep.append(coh_i.mean())
-    summary: dict[str, Any] = {
-        "n_samples": n_samples,
-        "cases": len(dataset),
-        "ged": float(np.mean(geds)),
-        "hm_iou": float(np.mean(hms)),
-        "diversity": float(np.mean(divs)),
-        "ece": metrics.ece(np.concatenate(confidences), np.concatenate(frequencies)),
-    }
+            _add_truth(tally, case, samples, n, classes, rng)
+        if progress is not None:
+            progress(1)
+    summary: dict[str, Any] = {"n_samples": n, "cases": len(dataset)}
+    summary.update({name: tally.mean(name) for name in tally.values})
+    confidences = np.concatenate(tally.confidences)
+    reliability = None
+    if confidences.size:  # else no class is in doubt anywhere: there is nothing to calibrate
+        reliability = metrics.reliability(confidences, np.concatenate(tally.frequencies))
+        summary["ece"] = reliability.ece
+        summary["ece_pixels"] = int(reliability.counts.sum())
+    _ratio(summary, f"ged_{n}", f"oracle_ged_{n}", f"ged_ratio_{n}")
+    _ratio(summary, f"ged_truth_{n}", f"oracle_ged_truth_{n}", f"ged_truth_ratio_{n}")
     per_kind: dict[str, dict[str, float]] = {}
-    if oracle:
-        summary["oracle_ged"] = float(np.mean(oracle))
-        summary["ged_ratio"] = summary["ged"] / summary["oracle_ged"]
-    if records:
-        summary["calibration_error"], per_kind = metrics.calibration_error(records)
-        summary["coherence"] = float(np.mean(coherence))
-        summary["independent_calibration_error"], _ = metrics.calibration_error(records_indep)
-        summary["independent_coherence"] = float(np.mean(coherence_indep))
-    return Evaluation(summary, per_kind)
+    if tally.records:
+        summary["calibration_error"], per_kind = metrics.calibration_error(tally.records)
+        summary["event_calibration_error"] = metrics.event_calibration_error(tally.records)
+        summary["event_calibration_floor"] = metrics.perfect_sampler_floor([p for _, p, _ in tally.records], n)
+    return Evaluation(summary, per_kind, reliability)

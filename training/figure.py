@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 from torch import Tensor
 
 from training.data import Case
+from training.metrics import Reliability
 from training.sampling import ALEATORIC_ENTROPY, LABELS, MUTUAL_INFORMATION, P_F, SAMPLE_ENTROPY
 
 # what a figure row shows of a case's samples: pass these to training.evaluate.sample_case
@@ -50,7 +51,9 @@ def case_row(case: Case, out: dict[str, Tensor], max_samples: int = 6) -> tuple[
     return tiles, names
 
 
-def save_figure(rows: list[tuple[list[np.ndarray], list[str]]], path: Path, scale: int = 2) -> None:
+def save_figure(rows: list[tuple[list[np.ndarray], list[str]]], path: Path, scale: int = 2, footer: list[np.ndarray] | None = None) -> None:
+    """Rows of tiles at ``scale``, with ``footer`` tiles (e.g. reliability diagrams) at their own
+    size in one row below."""
     height = max(t.shape[0] for tiles, _ in rows for t in tiles)
     width = max(t.shape[1] for tiles, _ in rows for t in tiles)
     columns = max(len(tiles) for tiles, _ in rows)
@@ -63,5 +66,50 @@ def save_figure(rows: list[tuple[list[np.ndarray], list[str]]], path: Path, scal
         for c, tile in enumerate(tiles):
             im = Image.fromarray(tile).resize((tile.shape[1] * scale, tile.shape[0] * scale), Image.NEAREST)
             canvas.paste(im, (c * (width * scale + pad), header + r * (height * scale + pad)))
+    if footer:
+        canvas = _below(canvas, footer, pad)
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
+
+
+def reliability_tile(diagram: Reliability, title: str, size: int = 220) -> np.ndarray:
+    """A reliability diagram as an (H, W, 3) tile: per bin, a bar up to the observed frequency
+    over the diagonal (perfect calibration), a dot at the mean predicted probability, and the
+    bin's pixel count above it, so a gap in a bin of a handful of pixels reads as what it is."""
+    pad, top = 24, 16
+    canvas = Image.new("RGB", (size, size + top), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    side = size - 2 * pad
+    x0, y0 = pad, top + pad + side  # the origin, bottom left
+
+    def at(x: float, y: float) -> tuple[float, float]:
+        return x0 + x * side, y0 - y * side
+
+    draw.rectangle([at(0, 1), at(1, 0)], outline=(0, 0, 0))
+    draw.line([at(0, 0), at(1, 1)], fill=(150, 150, 150))
+    bins = len(diagram.counts)
+    for b in range(bins):
+        if diagram.counts[b] == 0:
+            continue
+        left, right = b / bins, (b + 1) / bins
+        draw.rectangle([at(left, diagram.frequency[b]), at(right, 0)], fill=(90, 140, 220), outline=(40, 70, 150))
+        cx, cy = at(float(diagram.confidence[b]), float(diagram.frequency[b]))
+        draw.ellipse([cx - 2, cy - 2, cx + 2, cy + 2], fill=(220, 60, 40))
+        count = int(diagram.counts[b])
+        label = f"{count / 1000:.0f}k" if count >= 10_000 else str(count)
+        draw.text((at(left, 0)[0] + 1, top + 2 + (b % 2) * 9), label, fill=(60, 60, 60))
+    draw.text((2, 1), f"{title}  ECE {diagram.ece:.3f}", fill=(0, 0, 0))
+    draw.text((x0, y0 + 4), "predicted p", fill=(0, 0, 0))
+    return np.asarray(canvas)
+
+
+def _below(canvas: Image.Image, tiles: list[np.ndarray], pad: int) -> Image.Image:
+    row_height = max(t.shape[0] for t in tiles)
+    width = max(canvas.width, sum(t.shape[1] + pad for t in tiles))
+    out = Image.new("RGB", (width, canvas.height + row_height + pad), (40, 40, 40))
+    out.paste(canvas, (0, 0))
+    x = 0
+    for tile in tiles:
+        out.paste(Image.fromarray(tile), (x, canvas.height + pad))
+        x += tile.shape[1] + pad
+    return out

@@ -271,13 +271,14 @@ def _validate(run: _Run, log: dict[str, float]) -> None:
     version if they beat the best so far."""
     nets, progress = run.nets, run.progress
     networks = Networks(nets.ema_f.module.eval(), nets.ema_g.module.eval(), Normalisation())
-    metrics = evaluate(networks, run.val_set, n_samples=run.config.val_samples).summary
+    n = run.config.val_samples
+    metrics = evaluate(networks, run.val_set, n_samples=n).summary
     record = {"step": progress.step, "seconds": round(progress.elapsed, 1), **metrics, **log}
     with (run.state_dir / "history.jsonl").open("a") as fh:
         fh.write(json.dumps(record) + "\n")
     tqdm.write(f"step {progress.step} {progress.elapsed:.0f}s val " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
-    if metrics["ged"] < progress.best_ged:
-        progress.best_ged = metrics["ged"]
+    if metrics[f"ged_{n}"] < progress.best_ged:
+        progress.best_ged = metrics[f"ged_{n}"]
         save_model(run.version_dir, networks.calibration, networks.refinement, _manifest(run.config, run.train_set, nets, metrics, progress))
 
 
