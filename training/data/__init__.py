@@ -1,5 +1,8 @@
-"""Data sources behind one spec string: a folder in the folder format, ``lidc-sample`` or
-``synthetic:{halo,flips}``. Each yields ``Case`` objects and knows its classes and channels."""
+"""Data sources behind one spec string: a folder in the folder format, ``lidc-sample``,
+``synthetic:{halo,flips}``, or a literature data set in its published on-disk format:
+``lidc-v2:PATH`` (Kohl et al.'s 180x180 PNG crops), ``lidc-v1:PATH`` (the PHiSeg/SSN pickle) and
+``cityscapes:PATH`` (Cityscapes with injected ambiguity). Each yields ``Case`` objects and knows its
+classes and channels."""
 
 from __future__ import annotations
 
@@ -23,8 +26,10 @@ class Dataset(Protocol):
 
 
 def open_dataset(spec: str, split: str, length: int | None = None) -> Dataset:
-    """``spec`` is a folder path, ``lidc-sample[:PATH]`` or ``synthetic:NAME``; ``length`` caps how
-    many synthetic cases a pass visits (default: the split's usual size)."""
+    """``spec`` is a folder path, ``lidc-sample[:PATH]``, ``synthetic:NAME``, ``lidc-v2:PATH`` (the
+    crops' root holding ``{train,val,test}/{images,gt}``), ``lidc-v1:PATH`` (``data_lidc.pickle``
+    itself) or ``cityscapes:PATH`` (the root holding ``leftImg8bit/`` and ``gtFine/``); ``length``
+    caps how many synthetic cases a pass visits (default: the split's usual size)."""
     if spec.startswith("synthetic:"):
         # imported here: the generators need scipy, which the `carseg` command (serve included)
         # would otherwise load at start-up for nothing
@@ -37,9 +42,20 @@ def open_dataset(spec: str, split: str, length: int | None = None) -> Dataset:
     if spec == "lidc-sample" or spec.startswith("lidc-sample:"):
         root = Path(spec.split(":", 1)[1]) if ":" in spec else default_root()
         return LidcSample(root, split)
+    protocol, _, path = spec.partition(":")
+    if protocol in ("lidc-v2", "lidc-v1", "cityscapes"):
+        # the literature's data sets, each read from its published on-disk format
+        from training.data.cityscapes import Cityscapes
+        from training.data.lidc_v1 import LidcV1
+        from training.data.lidc_v2 import LidcV2
+
+        if not path:
+            raise DatasetError(f"{spec}: expected {protocol}:PATH")
+        loaders: dict[str, type[Dataset]] = {"lidc-v2": LidcV2, "lidc-v1": LidcV1, "cityscapes": Cityscapes}
+        return loaders[protocol](Path(path), split)
     root = Path(spec)
     if not root.is_dir():
-        raise DatasetError(f"{spec}: not a folder, 'lidc-sample' or 'synthetic:NAME'")
+        raise DatasetError(f"{spec}: not a folder, 'lidc-sample', 'synthetic:NAME', 'lidc-v2:PATH', 'lidc-v1:PATH' or 'cityscapes:PATH'")
     return FolderDataset(root, split)
 
 
