@@ -11,14 +11,13 @@ runs them, and ``training.evaluate`` judges them, exactly as it does CAR.
 
 from __future__ import annotations
 
-import zlib
 from dataclasses import dataclass, replace
 
 import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from training.sampling import Networks
+from training.sampling import Networks, row_generator
 
 BASELINES = ("independent", "deterministic")
 # logit of a drawn label over the others: its softmax is one-hot to float32 precision, so the
@@ -34,14 +33,6 @@ class PixelSamplerConfig:
     noise_dim: int = 8
     stride: int = 1
     widths: tuple[int, ...] = (1,)  # holds no features: a width of 1 for ``MemoryModel``
-
-
-def row_generator(z: Tensor) -> torch.Generator:
-    """A CPU generator keyed by one sample's noise vector: per-pixel noise drawn from it is the
-    same for (image, seed, sample index) alone, in any batch and chunk, because the sampler draws z
-    itself that way (``training.sampling.noise``)."""
-    key = zlib.crc32(z.detach().float().cpu().numpy().tobytes())
-    return torch.Generator().manual_seed(key)
 
 
 class PixelSampler(nn.Module):

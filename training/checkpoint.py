@@ -14,9 +14,10 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
-from training.manifest import FORMAT_VERSION, MANIFEST, TENSOR_FILES, CheckpointError, ModelEntry, read_entry, sha256_file
+from training.manifest import FORMAT_VERSION, MANIFEST, TENSOR_FILES, CheckpointError, ModelEntry, Normalisation, read_entry, sha256_file
 from training.networks import ArchitectureConfig, CalibrationNet, Discriminator, RefinementNet
 from training.sampling import Networks
+from training.ssn import SSNConfig, SSNMean, StochasticSegmentationNet
 
 
 @dataclass(frozen=True)
@@ -63,24 +64,39 @@ def load_verified(folder: Path, file_name: str, manifest: dict[str, Any]) -> dic
     return load_file(str(path))
 
 
+def _car_networks(manifest: dict[str, Any], normalisation: Normalisation) -> Networks:
+    arch = ArchitectureConfig.from_dict(manifest["architecture"])
+    return Networks(CalibrationNet(arch.calibration), RefinementNet(arch.refinement), normalisation)
+
+
+def _ssn_networks(manifest: dict[str, Any], normalisation: Normalisation) -> Networks:
+    """The SSN serves as both F (its mean) and G (its samples); its weights are G's file, F's is empty."""
+    net = StochasticSegmentationNet(SSNConfig.from_dict(manifest["architecture"]["ssn"]))
+    return Networks(SSNMean(net), net, normalisation)  # type: ignore[arg-type]
+
+
+# how each method's manifest is turned into untrained networks; a manifest without "method" is CAR's
+_BUILDERS = {"car": _car_networks, "ssn": _ssn_networks}
+
+
 def load_model(path: Path, device: torch.device | str = "cpu", version: str | None = None) -> LoadedModel:
     """Load F and G in eval mode from a version folder or a model folder's pinned or latest version."""
     entry = read_entry(Path(path), version)
     manifest_path = entry.path / MANIFEST
+    method = entry.manifest.get("method", "car")
+    if method not in _BUILDERS:
+        raise CheckpointError(f"{manifest_path}: unknown method {method!r}; expected one of {sorted(_BUILDERS)}")
     try:
-        arch = ArchitectureConfig.from_dict(entry.manifest["architecture"])
-        normalisation = entry.normalisation
+        networks = _BUILDERS[method](entry.manifest, entry.normalisation)
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"{manifest_path}: bad architecture or normalisation ({exc})") from exc
-    calibration = CalibrationNet(arch.calibration)
-    refinement = RefinementNet(arch.refinement)
-    for net, key in ((calibration, "calibration"), (refinement, "refinement")):
+    for net, key in ((networks.calibration, "calibration"), (networks.refinement, "refinement")):
         try:
             net.load_state_dict(load_verified(entry.path, TENSOR_FILES[key], entry.manifest))
         except RuntimeError as exc:
             raise CheckpointError(f"{entry.path / TENSOR_FILES[key]}: does not fit the architecture ({exc})") from exc
         net.to(device).eval()
-    return LoadedModel(entry.name, entry.version, entry.path, entry.manifest, Networks(calibration, refinement, normalisation))
+    return LoadedModel(entry.name, entry.version, entry.path, entry.manifest, networks)
 
 
 def build_discriminator(arch: ArchitectureConfig) -> Discriminator:

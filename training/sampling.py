@@ -13,6 +13,7 @@ bytes per image) plus a few (C, H, W) maps, whatever k is.
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable, Collection, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -113,6 +114,14 @@ def noise(seed: int, k: int, noise_dim: int) -> Tensor:
     samples of a seed are the same whatever k is asked for."""
     generator = torch.Generator().manual_seed(seed)
     return torch.stack([torch.randn(noise_dim, generator=generator) for _ in range(k)])
+
+
+def row_generator(z: Tensor) -> torch.Generator:
+    """A CPU generator keyed by one sample's noise vector, for samplers that draw per-pixel noise
+    as well (the SSN's diagonal, independent per-pixel sampling): drawn from it, that noise is the
+    same for (image, seed, sample index) alone, in any batch, chunk or device, as z itself is."""
+    digest = hashlib.blake2b(z.detach().float().cpu().numpy().tobytes(), digest_size=8).digest()
+    return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
 
 
 def _pad_to(x: Tensor, stride: int) -> tuple[Tensor, int, int]:

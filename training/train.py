@@ -113,7 +113,7 @@ class Batches:
         return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
 
 
-def _lr_scale(progress: float) -> float:
+def lr_scale(progress: float) -> float:
     """Step decay x0.5 at 60% and again at 85% of the budget: F's calibration settles late."""
     return 1.0 if progress < 0.6 else 0.5 if progress < 0.85 else 0.25
 
@@ -298,7 +298,7 @@ def train(config: TrainConfig) -> Path:
         return (time.monotonic() - start) / (60 * config.minutes)  # type: ignore[operator]
 
     while budget_used() < 1.0:
-        scale = _lr_scale(budget_used())
+        scale = lr_scale(budget_used())
         for opt, lr in ((nets.opt_f, config.lr_f), (nets.opt_g, config.lr_g), (nets.opt_d, config.lr_d)):
             for group in opt.param_groups:
                 group["lr"] = lr * scale
