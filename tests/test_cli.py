@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -6,6 +7,8 @@ from PIL import Image
 
 from carseg.cli import main
 from tests.service_fixtures import write_tiny_model
+
+REPO = Path(__file__).resolve().parents[1]
 
 
 def test_data_synth_writes_the_folder_format(tmp_path):
@@ -24,29 +27,60 @@ def test_evaluate_prints_writes_json_figure_and_records(tmp_path, capsys):
     report, figure = tmp_path / "r.json", tmp_path / "f.png"
     main([
         "evaluate", "--checkpoint", str(tmp_path / "tiny"), "--data", "synthetic:halo", "--cases", "2", "--samples", "4",
-        "--json", str(report), "--figure", str(figure), "--figure-cases", "2", "--record", "--device", "cpu",
+        "--samples-large", "6", "--json", str(report), "--figure", str(figure), "--figure-cases", "2", "--record", "--device", "cpu",
     ])
     out = capsys.readouterr().out
-    assert "ged" in out and "calibration_error" in out
+    assert "ged_4" in out and "calibration_error" in out and "reliability" in out
     data = json.loads(report.read_text())
-    for key in ("n_samples", "ged", "hm_iou", "diversity", "ece", "oracle_ged", "calibration_error", "coherence"):
+    for key in (
+        "n_samples", "ged_4", "ged_6", "hm_iou_4", "diversity_4", "ece", "ece_pixels", "oracle_ged_4", "calibration_error",
+        "event_calibration_error", "event_calibration_floor", "coherence", "reliability", "method",
+    ):
         assert key in data, key
-    assert data["n_samples"] == 4
+    assert data["n_samples"] == 4 and data["method"] == "car"
+    assert sum(data["reliability"]["p_f"]["counts"]) == data["ece_pixels"] and "ece_samples" in data
     assert Image.open(figure).size[0] > 128
     manifest = json.loads((tmp_path / "tiny" / "1" / "manifest.json").read_text())
-    assert manifest["metrics"]["synthetic:halo:test"]["ged"] == data["ged"]
+    assert manifest["metrics"]["synthetic:halo:test"]["ged_4"] == data["ged_4"]
 
 
 def test_evaluate_on_lidc_sample_has_no_oracle_keys(tmp_path, lidc_root, capsys):
     write_tiny_model(tmp_path, "tiny", channels=1, classes=2)
     report = tmp_path / "r.json"
-    main(["evaluate", "--checkpoint", str(tmp_path / "tiny"), "--data", "lidc-sample", "--samples", "2", "--json", str(report), "--device", "cpu"])
+    main([
+        "evaluate", "--checkpoint", str(tmp_path / "tiny"), "--data", "lidc-sample", "--samples", "2", "--samples-large", "0",
+        "--json", str(report), "--device", "cpu",
+    ])
     data = json.loads(report.read_text())
     assert data["cases"] == 9 and data["n_samples"] == 2
-    assert {"ged", "hm_iou", "diversity", "ece"} <= set(data) and not {"oracle_ged", "calibration_error"} & set(data)
+    assert {"ged_2", "hm_iou_2", "diversity_2", "ece"} <= set(data) and not {"oracle_ged_2", "calibration_error", "ged_100"} & set(data)
 
 
 def test_evaluate_refuses_mismatched_classes(tmp_path):
     write_tiny_model(tmp_path, "tiny", channels=1, classes=2)
     with pytest.raises(SystemExit, match="classes"):
         main(["evaluate", "--checkpoint", str(tmp_path / "tiny"), "--data", "synthetic:flips", "--cases", "1", "--device", "cpu"])
+
+
+def test_evaluate_one_case_without_ambiguity_reports_no_ratio_instead_of_dividing_by_zero(tmp_path):
+    # halo's test case 0 is a solid nodule with no rim: every annotator agrees, the oracle GED is 0
+    report = tmp_path / "r.json"
+    main([
+        "evaluate", "--checkpoint", str(REPO / "models" / "default"), "--data", "synthetic:halo", "--cases", "1", "--samples-large", "0",
+        "--json", str(report), "--device", "cpu",
+    ])
+    data = json.loads(report.read_text())
+    assert data["oracle_ged_16"] == 0.0 and "ged_ratio_16" not in data
+
+
+def test_evaluate_a_baseline_built_on_the_checkpoint(tmp_path):
+    write_tiny_model(tmp_path, "tiny", channels=1, classes=2)
+    report = tmp_path / "r.json"
+    main([
+        "evaluate", "--checkpoint", str(tmp_path / "tiny"), "--data", "synthetic:halo", "--cases", "3", "--samples", "4",
+        "--samples-large", "0", "--method", "deterministic", "--json", str(report), "--record", "--device", "cpu",
+    ])
+    data = json.loads(report.read_text())
+    assert data["method"] == "deterministic" and data["diversity_4"] == 0.0
+    manifest = json.loads((tmp_path / "tiny" / "1" / "manifest.json").read_text())
+    assert "synthetic:halo:test:deterministic" in manifest["metrics"]

@@ -383,3 +383,20 @@ def test_cityscapes_errors_name_the_file(cs_root, tmp_path):
         Cityscapes(tmp_path / "no_val", "val")
     with pytest.raises(DatasetError, match=r"leftImg8bit/val: missing"):
         open_dataset(f"cityscapes:{tmp_path / 'no_val'}", "test")
+
+
+def test_cityscapes_is_judged_against_its_32_modes_with_a_per_class_flip_table(cs_root):
+    # the per-kind table is the protocol's per-class flip table: each class against its injected probability
+    from tests.service_fixtures import write_tiny_model
+    from training.baselines import baseline
+    from training.checkpoint import load_model
+    from training.evaluate import evaluate
+
+    write_tiny_model(cs_root / "models", "cs", channels=3, classes=len(CS_CLASSES))
+    dataset = Cityscapes(cs_root, "train")
+    assert dataset[0].truth.modes()[0].shape[0] == 32  # five flippable classes present
+    result = evaluate(baseline(load_model(cs_root / "models" / "cs").networks, "deterministic"), dataset, n_samples=4)
+    assert "ged_truth_4" in result.summary and "oracle_ged_truth_4" in result.summary
+    assert set(result.per_kind) == set(FLIP_PROBABILITIES)
+    for kind, row in result.per_kind.items():
+        assert row["true"] == pytest.approx(FLIP_PROBABILITIES[kind])

@@ -19,6 +19,8 @@ _TRAIN_DEFAULTS = {f.name: f.default for f in dataclasses.fields(TrainConfig)}
 if TYPE_CHECKING:
     import torch
 
+    from training.evaluate import Evaluation
+
 
 def _device(name: str, threads: int | None = None) -> torch.device:
     from training.sampling import use_device
@@ -48,41 +50,80 @@ def _train(args: argparse.Namespace) -> None:
         val_every_s=args.val_every,
         f_warmup=args.f_warmup,
     )
-    version = train(config)
+    if args.method == "ssn":
+        from training.train_ssn import train_ssn
+
+        version = train_ssn(config)
+    else:
+        version = train(config)
     print(f"best version: {version}")  # noqa: T201 - CLI output
 
 
-def _evaluate(args: argparse.Namespace) -> None:
-    from training.checkpoint import load_model
-    from training.data import open_dataset
-    from training.evaluate import evaluate, sample_case
-    from training.figure import FIGURE_OUTPUTS, case_row, save_figure
-
-    model = load_model(Path(args.checkpoint), _device(args.device))
-    dataset = open_dataset(args.data, args.split, length=args.cases)
-    if list(dataset.classes) != model.classes:
-        raise SystemExit(f"data classes {list(dataset.classes)} differ from the model's {model.classes}")
-    result = evaluate(model.networks, dataset, n_samples=args.samples)
+def _print_evaluation(title: str, result: Evaluation) -> None:
     rows = [(k, f"{v:.4f}" if isinstance(v, float) else str(v)) for k, v in result.summary.items()]
     width = max(len(k) for k, _ in rows)
-    print(f"{model.name} v{model.version} on {args.data} [{args.split}]")  # noqa: T201
+    print(title)  # noqa: T201 - CLI output
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")  # noqa: T201
     for kind, row in result.per_kind.items():
         print(f"  {kind:<{width}}  predicted {row['predicted']:.3f}  true {row['true']:.3f}  ({row['events']} events)")  # noqa: T201
-    report = {**result.summary, "per_kind": result.per_kind, "model": model.name, "version": model.version, "data": args.data, "split": args.split}
+    for name, diagram in result.reliability.items():
+        print(f"  reliability of {name} (ambiguous pixels): bin, pixels, mean p, observed")  # noqa: T201
+        bins = len(diagram.counts)
+        for b, count in enumerate(diagram.counts):
+            if count:
+                edges = f"[{b / bins:.1f}, {(b + 1) / bins:.1f})"
+                print(f"    {edges}  {count:>9}  {diagram.confidence[b]:.3f}  {diagram.frequency[b]:.3f}")  # noqa: T201
+
+
+def _evaluate(args: argparse.Namespace) -> None:
+    from training.baselines import baseline
+    from training.checkpoint import load_model
+    from training.data import open_dataset
+    from training.evaluate import evaluate, sample_case
+    from training.figure import FIGURE_OUTPUTS, case_row, reliability_tile, save_figure
+
+    model = load_model(Path(args.checkpoint), _device(args.device))
+    networks = model.networks if args.method == "model" else baseline(model.networks, args.method)
+    dataset = open_dataset(args.data, args.split, length=args.cases)
+    if list(dataset.classes) != model.classes:
+        raise SystemExit(f"data classes {list(dataset.classes)} differ from the model's {model.classes}")
+    large = args.samples_large if args.samples_large and args.samples_large > args.samples else None
+    result = evaluate(networks, dataset, n_samples=args.samples, n_large=large)
+    method = model.manifest.get("method", "car") if args.method == "model" else args.method
+    _print_evaluation(f"{model.name} v{model.version} ({method}) on {args.data} [{args.split}]", result)
+    report = {**result.to_json(), "method": method, "model": model.name, "version": model.version, "data": args.data, "split": args.split}
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.figure:
         picks = range(min(args.figure_cases, len(dataset)))
-        rows = [case_row(dataset[i], sample_case(model.networks, dataset[i], args.samples, i, FIGURE_OUTPUTS)) for i in picks]
-        save_figure(rows, Path(args.figure))
+        rows = [case_row(dataset[i], sample_case(networks, dataset[i], args.samples, i, FIGURE_OUTPUTS)) for i in picks]
+        footer = [reliability_tile(diagram, f"{method}: {name}") for name, diagram in result.reliability.items()]
+        save_figure(rows, Path(args.figure), footer=footer)
     if args.record:
         manifest_path = model.path / "manifest.json"
         manifest = json.loads(manifest_path.read_text())
-        manifest.setdefault("metrics", {})[f"{args.data}:{args.split}"] = report
+        key = f"{args.data}:{args.split}" if args.method == "model" else f"{args.data}:{args.split}:{args.method}"
+        manifest.setdefault("metrics", {})[key] = report
         manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+
+
+def _reproduce(args: argparse.Namespace) -> None:
+    from training.reproduce import FULL_PLAN, QUICK_PLAN, reproduce
+
+    device = _device(args.device, args.threads)
+    out = Path(args.out)
+    results = reproduce(out, QUICK_PLAN if args.quick else FULL_PLAN, device=str(device))
+    toy = results["toy1d"]
+    print(f"toy: pi_true {toy['pi_true']:.3f}  pi_car {toy['pi_car']:.3f}  pi_no_cal {toy['pi_no_cal']:.3f}")  # noqa: T201
+    for name, table in results["synthetic"].items():
+        for method, row in table.items():
+            print(  # noqa: T201
+                f"{name:<6} {method:<13} ged_16 {row['ged_16']:.3f}  calibration_error {row['calibration_error']:.3f}  "
+                f"event_calibration_error {row['event_calibration_error']:.3f}  coherence {row['coherence']:.3f}"
+            )
+    print(f"report: {out / 'report.md'}")  # noqa: T201
 
 
 def _synth(args: argparse.Namespace) -> None:
@@ -105,7 +146,8 @@ def _synth(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train F, G and D; writes MODEL_DIR/<version>/")
-    p.add_argument("--data", required=True, help="folder, lidc-sample or synthetic:{halo,flips}")
+    p.add_argument("--data", required=True, help="folder, lidc-sample, lidc-v2:PATH, lidc-v1:PICKLE, cityscapes:PATH or synthetic:{halo,flips}")
+    p.add_argument("--method", default="car", choices=("car", "ssn"), help="car, or the peer method SSN (Monteiro et al. 2020)")
     p.add_argument("--out", required=True, help="model folder (e.g. models/default)")
     budget = p.add_mutually_exclusive_group(required=True)
     budget.add_argument("--steps", type=int)
@@ -126,15 +168,27 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--checkpoint", required=True, help="version folder or model folder (latest version)")
     p.add_argument("--data", required=True)
     p.add_argument("--split", default="test", choices=SPLITS)
-    p.add_argument("--samples", type=int, default=16)
+    p.add_argument("--samples", type=int, default=16, help="n of GED_n, HM-IoU_n and the calibration metrics")
+    p.add_argument("--samples-large", type=int, default=100, help="also GED at this n (the literature's GED_100); 0 = skip")
+    p.add_argument(
+        "--method", default="model", choices=("model", "independent", "deterministic"),
+        help="the checkpoint's own sampler, or a baseline built on its F (training.baselines)",
+    )
     p.add_argument("--cases", type=int, help="synthetic: how many cases (default 200 for test)")
     p.add_argument("--json")
-    p.add_argument("--figure")
+    p.add_argument("--figure", help="PNG: cases, samples, uncertainty maps and the reliability diagram")
     p.add_argument("--figure-cases", type=int, default=4)
     p.add_argument("--record", action="store_true", help="store the result in the model's manifest")
     p.add_argument("--device", default="auto")
     p.add_argument("--threads", type=int, help="CPU threads for torch/OpenMP (default: the cores this process may use; see README, CPU threads)")
     p.set_defaults(func=_evaluate)
+
+    p = sub.add_parser("reproduce", help="train and evaluate CAR and its baselines on synthetic data and the 1D toy; writes a report")
+    p.add_argument("--out", required=True, help="folder for report.md, results.json, figures and models")
+    p.add_argument("--quick", action="store_true", help="under 10 CPU minutes instead of 2 CPU hours")
+    p.add_argument("--device", default="auto")
+    p.add_argument("--threads", type=int, help="CPU threads for torch/OpenMP")
+    p.set_defaults(func=_reproduce)
 
     p = sub.add_parser("data", help="data utilities")
     data_sub = p.add_subparsers(dest="data_command", required=True)

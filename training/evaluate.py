@@ -1,8 +1,10 @@
 """Evaluation of a sampler on a data set, with the metric names ``carseg evaluate`` writes:
 
 - any data: ``ged_16`` (GED with n = 16 samples), ``hm_iou_16``, ``diversity_16``, ``ged_100``
-  when asked for, and ``ece``: the ECE of p_F over the pixels that can be in doubt
-  (``metrics.ambiguous_pixels``), with its reliability diagram;
+  when asked for, ``ece``: the ECE of p_F over the pixels that can be in doubt
+  (``metrics.ambiguous_pixels``), and ``ece_samples``: the same for the share of the n samples
+  that mark each pixel (what G adds or loses: two methods that share F differ only there), each
+  with its reliability diagram;
 - data whose true distribution is known: ``ged_truth_16`` (GED against every mode, weighted by its
   probability), the oracle values a perfect sampler gets at the same n (``oracle_ged_16``,
   ``oracle_ged_truth_16``; ratios only where the oracle is > 0), ``calibration_error`` (each
@@ -31,14 +33,11 @@ from training.sampling import LABELS, P_F, Networks, sample
 class Evaluation:
     summary: dict[str, Any]
     per_kind: dict[str, dict[str, float]] = field(default_factory=dict)
-    reliability: metrics.Reliability | None = None
+    # reliability diagrams by what they judge: "p_f" (F's probabilities), "samples" (the samples' shares)
+    reliability: dict[str, metrics.Reliability] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            **self.summary,
-            "per_kind": self.per_kind,
-            "reliability": self.reliability.to_json() if self.reliability is not None else None,
-        }
+        return {**self.summary, "per_kind": self.per_kind, "reliability": {k: r.to_json() for k, r in self.reliability.items()}}
 
 
 def sample_case(networks: Networks, case: Case, k: int, seed: int, outputs: tuple[str, ...] = (LABELS, P_F)) -> dict[str, torch.Tensor]:
@@ -51,8 +50,9 @@ class _Tally:
 
     def __init__(self) -> None:
         self.values: dict[str, list[float]] = {}
-        self.confidences: list[np.ndarray] = []
-        self.frequencies: list[np.ndarray] = []
+        # per judged map ("p_f", "samples"): the predicted probabilities and the frequencies there
+        self.confidences: dict[str, list[np.ndarray]] = {"p_f": [], "samples": []}
+        self.frequencies: dict[str, list[np.ndarray]] = {"p_f": [], "samples": []}
         self.records: list[tuple[str, float, np.ndarray]] = []
 
     def add(self, name: str, value: float) -> None:
@@ -62,15 +62,17 @@ class _Tally:
         return float(np.mean(self.values[name]))
 
 
-def _add_pixels(tally: _Tally, case: Case, p_f: np.ndarray, classes: list[int]) -> None:
-    """p_F against the truth's marginals where they are known, else against the annotators' mean,
-    over the ambiguous pixels only."""
+def _add_pixels(tally: _Tally, case: Case, p_f: np.ndarray, samples: np.ndarray, classes: list[int]) -> None:
+    """p_F and the samples' shares against the truth's marginals where they are known, else against
+    the annotators' mean, each over its own ambiguous pixels."""
     truth = case.truth.marginals(p_f.shape[0]) if case.truth is not None else None
     for c in classes:
         frequency = truth[c] if truth is not None else (case.labels == c).mean(axis=0)
-        keep = metrics.ambiguous_pixels(np.maximum(frequency, (case.labels == c).any(axis=0)), p_f[c])
-        tally.confidences.append(p_f[c][keep])
-        tally.frequencies.append(frequency[keep])
+        marked = np.maximum(frequency, (case.labels == c).any(axis=0))
+        for name, predicted in (("p_f", p_f[c]), ("samples", (samples == c).mean(axis=0))):
+            keep = metrics.ambiguous_pixels(marked, predicted)
+            tally.confidences[name].append(predicted[keep])
+            tally.frequencies[name].append(frequency[keep])
 
 
 def _add_truth(tally: _Tally, case: Case, samples: np.ndarray, n: int, classes: list[int], rng: np.random.Generator) -> None:
@@ -121,19 +123,21 @@ def evaluate(
         tally.add(f"diversity_{n}", metrics.diversity(samples, classes))
         if n_large is not None:
             tally.add(f"ged_{n_large}", metrics.ged(drawn, case.labels, classes))
-        _add_pixels(tally, case, out[P_F].cpu().numpy(), classes)
+        _add_pixels(tally, case, out[P_F].cpu().numpy(), samples, classes)
         if case.truth is not None:
             _add_truth(tally, case, samples, n, classes, rng)
         if progress is not None:
             progress(1)
     summary: dict[str, Any] = {"n_samples": n, "cases": len(dataset)}
     summary.update({name: tally.mean(name) for name in tally.values})
-    confidences = np.concatenate(tally.confidences)
-    reliability = None
-    if confidences.size:  # else no class is in doubt anywhere: there is nothing to calibrate
-        reliability = metrics.reliability(confidences, np.concatenate(tally.frequencies))
-        summary["ece"] = reliability.ece
-        summary["ece_pixels"] = int(reliability.counts.sum())
+    reliability = {}
+    for name, key in (("p_f", "ece"), ("samples", "ece_samples")):
+        confidences = np.concatenate(tally.confidences[name])
+        if confidences.size:  # else no class is in doubt anywhere: there is nothing to calibrate
+            reliability[name] = metrics.reliability(confidences, np.concatenate(tally.frequencies[name]))
+            summary[key] = reliability[name].ece
+    if "p_f" in reliability:
+        summary["ece_pixels"] = int(reliability["p_f"].counts.sum())
     _ratio(summary, f"ged_{n}", f"oracle_ged_{n}", f"ged_ratio_{n}")
     _ratio(summary, f"ged_truth_{n}", f"oracle_ged_truth_{n}", f"ged_truth_ratio_{n}")
     per_kind: dict[str, dict[str, float]] = {}
