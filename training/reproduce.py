@@ -5,13 +5,18 @@ builds the baselines that need no training (independent per-pixel sampling from 
 k copies of argmax p_F), evaluates all five with ``training.evaluate`` (one code path for every
 method), runs the paper's 1D toy with and without L_cal, and writes ``report.md``, figures and
 ``results.json`` into the output folder. ``--quick`` is the same pipeline on a budget that fits
-10 CPU minutes; the full budget fits 2 CPU hours.
+10 minutes of this 2-core machine; the full budget fits 2 hours. Trainings run two at a time, a
+core each (``_run_lanes``).
 """
 
 from __future__ import annotations
 
 import json
+import multiprocessing
+import os
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
+from contextlib import redirect_stderr
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,12 +30,13 @@ from training.config import TrainConfig
 from training.data import open_dataset
 from training.evaluate import Evaluation, evaluate, sample_case
 from training.figure import FIGURE_OUTPUTS, case_row, reliability_tile, save_figure
-from training.sampling import Networks
-from training.toy1d import FULL, PI_TRUE, QUICK, ToyConfig, ToyResult, run_toy, save_toy_figure
+from training.sampling import Networks, use_device
+from training.toy1d import FULL, PI_TRUE, QUICK, ToyConfig, ToyModel, ToyResult, run_toy, save_toy_figure
 from training.train import train
 from training.train_ssn import train_ssn
 
 METHODS = ("car", "no_cal", "independent", "deterministic", "ssn")
+TRAINED = ("car", "no_cal", "ssn")  # the others are built on CAR's F (training.baselines)
 # what each method is, for the report
 DESCRIPTIONS = {
     "car": "CAR: F + G with L_adv and L_cal (ours, the defaults of `carseg train`)",
@@ -68,27 +74,56 @@ class Plan:
 
 QUICK_PLAN = Plan(
     name="quick",
-    datasets=(DataBudget("halo", 1.2, 64, 48), DataBudget("flips", 0.9, None, 48)),
-    toy=QUICK, n_large=None, val_every_s=30.0,
+    datasets=(DataBudget("halo", 2.0, 64, 48), DataBudget("flips", 1.5, None, 48)),
+    toy=QUICK, n_large=None, val_every_s=1e9,  # validated once, at the end: validations would eat the budget
 )
 FULL_PLAN = Plan(
     name="full",
-    datasets=(DataBudget("halo", 12.0, 64, 100), DataBudget("flips", 8.0, None, 100)),
-    toy=FULL, n_large=100, val_every_s=120.0,
+    datasets=(DataBudget("halo", 25.0, 64, 100), DataBudget("flips", 15.0, None, 100)),
+    toy=FULL, n_large=100, val_every_s=180.0,
 )
 
 
-def _train_all(data: DataBudget, out: Path, plan: Plan, device: str) -> dict[str, Path]:
-    """CAR, no_cal and SSN, each with ``data.minutes`` of training; returns their version folders."""
+def _train_one(method: str, data: DataBudget, out: Path, plan: Plan, device: str, threads: int) -> Path:
+    """One trained method on one data set, in a worker process of its own: its log goes to a file,
+    as the lanes' progress bars would interleave. Returns the version folder."""
+    use_device(device, threads)
+    folder = out / "models" / data.name
+    folder.mkdir(parents=True, exist_ok=True)
     config = TrainConfig(
-        data=f"synthetic:{data.name}", out=out / "car", minutes=data.minutes, size=data.size,
+        data=f"synthetic:{data.name}", out=folder / method, minutes=data.minutes, size=data.size,
         device=device, val_every_s=plan.val_every_s, val_cases=min(48, data.cases),
     )
-    return {
-        "car": train(config),
-        "no_cal": train(replace(config, out=out / "no_cal", lambda_cal=0.0)),
-        "ssn": train_ssn(replace(config, out=out / "ssn")),
-    }
+    with (folder / f"{method}.log").open("w") as log, redirect_stderr(log):
+        if method == "ssn":
+            return train_ssn(config)
+        return train(replace(config, lambda_cal=0.0) if method == "no_cal" else config)
+
+
+def _toy_one(config: ToyConfig) -> tuple[ToyModel, ToyResult]:
+    return run_toy(config)
+
+
+def _run_lanes(plan: Plan, out: Path, device: str, lanes: int) -> tuple[dict[tuple[str, str], Path], dict[str, tuple[ToyModel, ToyResult]]]:
+    """Every training job of the plan, ``lanes`` at a time (one CPU thread each, the longest
+    first): on a 2-core machine two single-thread trainings make more steps together than one with
+    two threads. Returns the version folder of each (data set, method) and the toy's two runs."""
+    threads = max(1, (os.cpu_count() or 1) // lanes) if device == "cpu" else 0
+    context = multiprocessing.get_context("spawn")  # a fresh interpreter: no forked torch thread pools
+    jobs = sorted(((d, m) for d in plan.datasets for m in TRAINED), key=lambda job: -job[0].minutes)
+    versions: dict[tuple[str, str], Path] = {}
+    toy: dict[str, tuple[ToyModel, ToyResult]] = {}
+    with ProcessPoolExecutor(lanes, mp_context=context) as pool, tqdm(total=len(jobs) + 2, unit="job", desc="train") as bar:
+        toy_configs = {"car": plan.toy, "no_cal": replace(plan.toy, lambda_cal=0.0)}
+        toy_futures = {label: pool.submit(_toy_one, config) for label, config in toy_configs.items()}
+        futures = {pool.submit(_train_one, m, d, out, plan, device, threads): (d.name, m) for d, m in jobs}
+        for future in as_completed([*toy_futures.values(), *futures]):
+            if future in futures:
+                versions[futures[future]] = future.result()
+            bar.update(1)
+            bar.set_postfix_str(" ".join(f"{d}/{m}" for d, m in versions), refresh=True)
+        toy = {label: future.result() for label, future in toy_futures.items()}
+    return versions, toy
 
 
 def _samplers(versions: dict[str, Path], device: str) -> dict[str, Networks]:
@@ -179,33 +214,29 @@ def _report(results: dict[str, Any], figures: dict[str, list[str]], plan: Plan, 
     return "\n".join(lines) + "\n"
 
 
-def reproduce(out: Path, plan: Plan, device: str = "cpu") -> dict[str, Any]:
+def reproduce(out: Path, plan: Plan, device: str = "cpu", lanes: int = 2) -> dict[str, Any]:
     """Run the whole pipeline of ``plan`` into ``out``; returns what ``results.json`` holds."""
     out.mkdir(parents=True, exist_ok=True)
     started = time.monotonic()
-    stages = 1 + 2 * len(plan.datasets)
-    bar = tqdm(total=stages, unit="stage", desc="reproduce", position=0, dynamic_ncols=True)
-    runs = {label: run_toy(replace(plan.toy, lambda_cal=weight)) for label, weight in (("car", plan.toy.lambda_cal), ("no_cal", 0.0))}
+    versions, runs = _run_lanes(plan, out, device, lanes)
     toy = {"pi_true": PI_TRUE, **{f"pi_{label}": result.pi for label, (_, result) in runs.items()}}
-    toy_detail = {label: result for label, (_, result) in runs.items()}
     save_toy_figure({"with L_cal": runs["car"][0], "without L_cal": runs["no_cal"][0]}, out / "toy1d.png")
-    bar.update(1)
     synthetic: dict[str, dict[str, dict[str, Any]]] = {}
     evaluations: dict[str, dict[str, Evaluation]] = {}
     figures: dict[str, list[str]] = {}
-    for data in plan.datasets:
-        bar.set_description(f"train on {data.name}")
-        samplers = _samplers(_train_all(data, out / "models" / data.name, plan, device), device)
-        bar.update(1)
-        bar.set_description(f"evaluate on {data.name}")
-        test = open_dataset(f"synthetic:{data.name}", "test", length=data.cases)
-        evaluations[data.name] = {m: evaluate(samplers[m], test, n_samples=16, n_large=plan.n_large) for m in METHODS}
-        synthetic[data.name] = {m: {**e.summary, "per_kind": e.per_kind} for m, e in evaluations[data.name].items()}
-        figures[data.name] = _figures(data.name, samplers, evaluations[data.name], out)
-        bar.update(1)
-    bar.close()
+    with tqdm(total=len(plan.datasets) * len(METHODS), unit="method", desc="evaluate") as bar:
+        for data in plan.datasets:
+            samplers = _samplers({m: versions[(data.name, m)] for m in TRAINED}, device)
+            test = open_dataset(f"synthetic:{data.name}", "test", length=data.cases)
+            evaluations[data.name] = {}
+            for method in METHODS:
+                evaluations[data.name][method] = evaluate(samplers[method], test, n_samples=16, n_large=plan.n_large)
+                bar.update(1)
+            synthetic[data.name] = {m: {**e.summary, "per_kind": e.per_kind} for m, e in evaluations[data.name].items()}
+            figures[data.name] = _figures(data.name, samplers, evaluations[data.name], out)
     results = {"toy1d": toy, "synthetic": synthetic, "plan": plan.name}
     seconds = time.monotonic() - started
+    toy_detail = {label: result for label, (_, result) in runs.items()}
     report = _report({**results, "_evaluations": evaluations, "_toy": toy_detail}, figures, plan, seconds)
     (out / "report.md").write_text(report)
     (out / "results.json").write_text(json.dumps({**results, "seconds": round(seconds, 1)}, indent=2, default=_json_default) + "\n")
