@@ -57,6 +57,22 @@ class _UpBlock(nn.Module):
         return self.fuse(torch.cat([self.up(x), skip], dim=1))
 
 
+def u_net(c_in: int, widths: tuple[int, ...]) -> tuple[_Encoder, nn.ModuleList]:
+    """The encoder and the up blocks of a U-Net; kept as two attributes of the net that holds them
+    (``encoder``, ``ups``), the names its checkpoints' keys carry."""
+    ups = nn.ModuleList(_UpBlock(widths[i + 1], widths[i], widths[i]) for i in reversed(range(len(widths) - 1)))
+    return _Encoder(c_in, widths), ups
+
+
+def u_net_features(encoder: _Encoder, ups: nn.ModuleList, image: Tensor) -> Tensor:
+    """The U-Net's last features (B, widths[0], H, W)."""
+    feats = encoder(image)
+    x = feats[-1]
+    for up, skip in zip(ups, reversed(feats[:-1]), strict=True):
+        x = up(x, skip)
+    return x
+
+
 @dataclass(frozen=True)
 class CalibrationConfig:
     in_channels: int
@@ -74,18 +90,12 @@ class CalibrationNet(nn.Module):
     def __init__(self, config: CalibrationConfig) -> None:
         super().__init__()
         self.config = config
-        w = config.widths
-        self.encoder = _Encoder(config.in_channels, w)
-        self.ups = nn.ModuleList(_UpBlock(w[i + 1], w[i], w[i]) for i in reversed(range(len(w) - 1)))
-        self.head = nn.Conv2d(w[0], config.num_classes, 1)
+        self.encoder, self.ups = u_net(config.in_channels, config.widths)
+        self.head = nn.Conv2d(config.widths[0], config.num_classes, 1)
 
     def forward(self, image: Tensor) -> Tensor:
         """image (B, C_in, H, W) -> logits (B, C, H, W)."""
-        feats = self.encoder(image)
-        x = feats[-1]
-        for up, skip in zip(self.ups, reversed(feats[:-1]), strict=True):
-            x = up(x, skip)
-        return self.head(x)
+        return self.head(u_net_features(self.encoder, self.ups, image))
 
 
 @dataclass(frozen=True)

@@ -24,7 +24,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
-from training.networks import _Encoder, _UpBlock
+from training.networks import u_net, u_net_features
 from training.sampling import row_generator
 
 # added to the diagonal variance, as in the reference implementation: keeps the per-pixel term a
@@ -66,18 +66,13 @@ class StochasticSegmentationNet(nn.Module):
         super().__init__()
         self.config = config
         w = config.widths
-        self.encoder = _Encoder(config.in_channels, w)
-        self.ups = nn.ModuleList(_UpBlock(w[i + 1], w[i], w[i]) for i in reversed(range(len(w) - 1)))
+        self.encoder, self.ups = u_net(config.in_channels, w)
         self.mean_head = nn.Conv2d(w[0], config.num_classes, 1)
         self.factor_head = nn.Conv2d(w[0], config.rank * config.num_classes, 1)
         self.log_diag_head = nn.Conv2d(w[0], config.num_classes, 1)
 
     def _features(self, image: Tensor) -> Tensor:
-        feats = self.encoder(image)
-        x = feats[-1]
-        for up, skip in zip(self.ups, reversed(feats[:-1]), strict=True):
-            x = up(x, skip)
-        return x
+        return u_net_features(self.encoder, self.ups, image)
 
     def mean_logits(self, image: Tensor) -> Tensor:
         """(B, C_in, H, W) -> mu (B, C, H, W), without computing the covariance heads."""
