@@ -100,10 +100,6 @@ def _train_one(method: str, data: DataBudget, out: Path, plan: Plan, device: str
         return train(replace(config, lambda_cal=0.0) if method == "no_cal" else config)
 
 
-def _toy_one(config: ToyConfig) -> tuple[ToyModel, ToyResult]:
-    return run_toy(config)
-
-
 def _run_lanes(plan: Plan, out: Path, device: str, lanes: int) -> tuple[dict[tuple[str, str], Path], dict[str, tuple[ToyModel, ToyResult]]]:
     """Every training job of the plan, ``lanes`` at a time (one CPU thread each, the longest
     first): on a 2-core machine two single-thread trainings make more steps together than one with
@@ -115,7 +111,7 @@ def _run_lanes(plan: Plan, out: Path, device: str, lanes: int) -> tuple[dict[tup
     toy: dict[str, tuple[ToyModel, ToyResult]] = {}
     with ProcessPoolExecutor(lanes, mp_context=context) as pool, tqdm(total=len(jobs) + 2, unit="job", desc="train") as bar:
         toy_configs = {"car": plan.toy, "no_cal": replace(plan.toy, lambda_cal=0.0)}
-        toy_futures = {label: pool.submit(_toy_one, config) for label, config in toy_configs.items()}
+        toy_futures = {label: pool.submit(run_toy, config) for label, config in toy_configs.items()}
         futures = {pool.submit(_train_one, m, d, out, plan, device, threads): (d.name, m) for d, m in jobs}
         for future in as_completed([*toy_futures.values(), *futures]):
             if future in futures:
@@ -181,7 +177,10 @@ def _toy_table(runs: dict[str, ToyResult]) -> list[str]:
     return lines
 
 
-def _report(results: dict[str, Any], figures: dict[str, list[str]], plan: Plan, seconds: float) -> str:
+def _report(
+    results: dict[str, Any], evaluations: dict[str, dict[str, Evaluation]], toy_runs: dict[str, ToyResult],
+    figures: dict[str, list[str]], plan: Plan, seconds: float,
+) -> str:
     toy = results["toy1d"]
     budgets = ", ".join(f"{d.name} {d.minutes:g} min per trained method, {d.cases} test cases" for d in plan.datasets)
     lines = [
@@ -195,21 +194,21 @@ def _report(results: dict[str, Any], figures: dict[str, list[str]], plan: Plan, 
         "",
         "Metrics: `ged_n` is GED with n samples against the 4 annotators, `ged_truth_16` against every mode of the true"
         " distribution; `ece` is over the pixels that can be in doubt; `calibration_error` pools each event kind,"
-        " `event_calibration_error` compares event by event and cannot be below `event_calibration_floor`, what a perfect"
-        " sampler scores with 16 samples; `coherence` is the share of an event's region that takes one label in a sample.",
+        " `event_calibration_error` compares event by event, next to `event_calibration_floor`, what a perfect"
+        " sampler is expected to score with 16 samples; `coherence` is the share of an event's region that takes one label in a sample.",
         "",
         "## 1D toy regression (Kassapis et al., Fig. 3)",
         "",
         f"Share of G's samples on the upper branch: true {toy['pi_true']:.3f}, with L_cal **{toy['pi_car']:.3f}**,"
         f" without L_cal {toy['pi_no_cal']:.3f}.",
         "",
-        *_toy_table(results["_toy"]),
+        *_toy_table(toy_runs),
         "",
         "![toy](toy1d.png)",
     ]
     for name, table in results["synthetic"].items():
         lines += ["", f"## synthetic:{name}", "", *_table(table), ""]
-        lines += ["Per event kind, the share of samples in which the event happens:", "", *_per_kind(results["_evaluations"][name]), ""]
+        lines += ["Per event kind, the share of samples in which the event happens:", "", *_per_kind(evaluations[name]), ""]
         lines += [f"![{name} {f}]({f})" for f in figures[name]]
     return "\n".join(lines) + "\n"
 
@@ -236,8 +235,8 @@ def reproduce(out: Path, plan: Plan, device: str = "cpu", lanes: int = 2) -> dic
             figures[data.name] = _figures(data.name, samplers, evaluations[data.name], out)
     results = {"toy1d": toy, "synthetic": synthetic, "plan": plan.name}
     seconds = time.monotonic() - started
-    toy_detail = {label: result for label, (_, result) in runs.items()}
-    report = _report({**results, "_evaluations": evaluations, "_toy": toy_detail}, figures, plan, seconds)
+    toy_runs = {label: result for label, (_, result) in runs.items()}
+    report = _report(results, evaluations, toy_runs, figures, plan, seconds)
     (out / "report.md").write_text(report)
     (out / "results.json").write_text(json.dumps({**results, "seconds": round(seconds, 1)}, indent=2, default=_json_default) + "\n")
     return results
