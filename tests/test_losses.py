@@ -9,20 +9,32 @@ from training.networks import Discriminator, DiscriminatorConfig, soft_one_hot
 
 def test_calibration_loss_zero_when_sample_mean_equals_p_f():
     p_f = torch.tensor([0.3, 0.7]).view(1, 2, 1, 1).expand(1, 2, 4, 4)
-    # two hard samples whose mean is (0.5, 0.5) vs p_F (0.3, 0.7) is not zero; a soft match is
-    samples = p_f[:, None].expand(1, 5, 2, 4, 4)
+    samples = p_f.log()[:, None].expand(1, 5, 2, 4, 4)  # logits whose softmax is p_F
     assert losses.calibration_loss(samples, p_f).item() == pytest.approx(0.0, abs=1e-6)
     assert losses.calibration_loss(samples, p_f, forward_weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
 
 
-def test_calibration_loss_hand_value_and_clamp():
+def test_calibration_loss_hand_value():
     p_f = torch.tensor([0.5, 0.5]).view(1, 2, 1, 1)
-    hard = torch.tensor([[1.0, 0.0]]).view(1, 1, 2, 1, 1)  # one sample, all class 0
-    # clamped mean (0.999, 0.001) vs (0.5, 0.5)
-    expected = 0.999 * math.log(0.999 / 0.5) + 0.001 * math.log(0.001 / 0.5)
-    assert losses.calibration_loss(hard, p_f).item() == pytest.approx(expected, rel=1e-4)
-    forward = 0.5 * math.log(0.5 / 0.999) + 0.5 * math.log(0.5 / 0.001)
-    assert losses.calibration_loss(hard, p_f, 2.0).item() == pytest.approx(expected + 2 * forward, rel=1e-4)
+    # two samples, one at (0.9, 0.1) and one at (0.5, 0.5): their mean is (0.7, 0.3)
+    logits = torch.tensor([[math.log(0.9), math.log(0.1)], [0.0, 0.0]]).view(1, 2, 2, 1, 1)
+    expected = 0.7 * math.log(0.7 / 0.5) + 0.3 * math.log(0.3 / 0.5)
+    assert losses.calibration_loss(logits, p_f).item() == pytest.approx(expected, rel=1e-5)
+    forward = 0.5 * math.log(0.5 / 0.7) + 0.5 * math.log(0.5 / 0.3)
+    assert losses.calibration_loss(logits, p_f, 2.0).item() == pytest.approx(expected + 2 * forward, rel=1e-5)
+
+
+def test_calibration_loss_still_pulls_when_the_samples_saturate():
+    """p_F (0.3, 0.7) against samples all at 0.9997 for class 1: the clamped version had gradient 0
+    (its sample mean sat on the clamp), so G could never bring back the reading it had dropped."""
+    p_f = torch.tensor([0.3, 0.7]).view(1, 2, 1, 1)
+    logits = torch.tensor([-4.0, 4.11]).view(1, 1, 2, 1, 1).repeat(1, 4, 1, 1, 1).requires_grad_(True)
+    assert logits.softmax(dim=2)[0, 0, 1].item() == pytest.approx(0.9997, abs=1e-4)
+    loss = losses.calibration_loss(logits, p_f, forward_weight=1.0)
+    assert loss.item() > 1.0
+    (grad,) = torch.autograd.grad(loss, logits)
+    # descending the gradient raises class 0's logit against class 1's: the missing reading comes back
+    assert (grad[0, :, 0] < -0.05).all() and (grad[0, :, 1] > 0.05).all()
 
 
 def test_generator_adversarial_loss_non_saturating():
@@ -37,7 +49,7 @@ def test_discriminator_loss_has_r1_and_accuracy():
     real = soft_one_hot(torch.randint(0, 2, (2, 16, 16)), 2)
     fake = torch.rand(2, 2, 16, 16).softmax(1)
     without, _ = losses.discriminator_loss(disc, image, real, fake, 0.0)
-    with_r1, _ = losses.discriminator_loss(disc, image, real, fake, 10.0)
+    with_r1, _ = losses.discriminator_loss(disc, image, real, fake, 0.625)
     assert with_r1.item() > without.item()
     with_r1.backward()  # R1 is differentiable (create_graph)
     assert all(p.grad is not None for p in disc.parameters())

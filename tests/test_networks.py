@@ -22,7 +22,7 @@ def test_shapes_for_any_channels_and_classes(channels, classes):
     assert logits.shape == (2, classes, 24, 40)
     samples = g(x, logits.softmax(1), torch.randn(2, 3, 4))
     assert samples.shape == (2, 3, classes, 24, 40)
-    assert d(x, samples[:, 0].softmax(1)).shape == (2,)
+    assert d(x, samples[:, 0].softmax(1)).shape == (2, 6, 10)  # one logit per patch
 
 
 def test_noise_is_injected_at_three_or_more_decoder_stages_and_changes_the_output():

@@ -2,6 +2,7 @@ import numpy as np
 import pytest
 import torch
 
+from training import noise_field
 from training.manifest import Normalisation
 from training.networks import CalibrationConfig, CalibrationNet, RefinementConfig, RefinementNet
 from training.sampling import (
@@ -16,24 +17,30 @@ from training.sampling import (
     Networks,
     entropy,
     noise,
+    region_vectors,
     sample,
 )
 
 
-@pytest.fixture(scope="module")
-def nets():
+@pytest.fixture(scope="module", params=["global", "regions"])
+def nets(request):
     torch.manual_seed(0)
     f = CalibrationNet(CalibrationConfig(1, 3, widths=(8, 16, 16))).eval()
-    g = RefinementNet(RefinementConfig(1, 3, widths=(8, 16, 16), noise_dim=4)).eval()
+    g = RefinementNet(RefinementConfig(1, 3, widths=(8, 16, 16), noise_dim=4, noise=request.param)).eval()
     torch.nn.init.normal_(g.head.weight)  # an untrained G with the prior skip ignores z
     return Networks(f, g, Normalisation())
 
 
 def soft_samples(nets, image, k, seed):
     """The soft samples the sampler folds away, computed the plain way: (k, C, H, W)."""
+    config = nets.refinement.config
     with torch.inference_mode():
         p_f = nets.calibration(image).softmax(1)
-        return nets.refinement(image, p_f, noise(seed, k, nets.refinement.config.noise_dim)[None])[0].softmax(1)
+        z = noise(seed, k, config.noise_dim)
+        if config.noise == "regions":
+            labels, counts = noise_field.doubt_regions(p_f, config.doubt_threshold, config.region_grow)
+            z = noise_field.field(labels.repeat(k, 1, 1), region_vectors(z, counts * k))
+        return nets.refinement(image, p_f, z[None])[0].softmax(1)
 
 
 def test_output_shapes_and_odd_sizes_are_cropped_back(nets):

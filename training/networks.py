@@ -106,6 +106,15 @@ class RefinementConfig:
     noise_dim: int = 8
     dropout: float = 0.1
     prior_skip: bool = True  # add log p_F to the output logits (ours; see RefinementNet)
+    # "global": one z per sample broadcast over the image (the paper's G, and every checkpoint made
+    # before regions existed); "regions": one z per region of doubt (training.noise_field)
+    noise: str = "global"
+    doubt_threshold: float = 0.05  # "regions": a pixel is in doubt where F's top class is below 1 - this
+    region_grow: int = 2  # "regions": pixels a region of doubt is grown by, so one lesion's pieces join
+
+    def __post_init__(self) -> None:
+        if self.noise not in ("global", "regions"):
+            raise ValueError(f"noise must be 'global' or 'regions', got {self.noise!r}")
 
     @property
     def stride(self) -> int:
@@ -113,7 +122,8 @@ class RefinementConfig:
 
 
 class _NoiseInjection(nn.Module):
-    """f' = (f + A(z)) * (1 + B(z)), broadcast over H x W, then a 1x1 conv.
+    """f' = (f + A(z)) * (1 + B(z)), then a 1x1 conv; z is a vector broadcast over H x W, or a
+    noise map (B, D, H', W') at full resolution, area-averaged to this stage's H x W.
 
     The reference multiplies by (B(z) + 1e-5); starting from identity (1 + B(z)) keeps the
     decoder's signal alive at initialisation, so G does not first have to learn to undo a
@@ -127,14 +137,20 @@ class _NoiseInjection(nn.Module):
         self.mix = nn.Conv2d(channels, channels, 1)
 
     def forward(self, f: Tensor, z: Tensor) -> Tensor:
-        shift = self.shift(z)[:, :, None, None]  # (B, C, 1, 1)
-        scale = self.scale(z)[:, :, None, None]
+        if z.ndim == 2:
+            shift = self.shift(z)[:, :, None, None]  # (B, C, 1, 1)
+            scale = self.scale(z)[:, :, None, None]
+        else:
+            z = nnf.adaptive_avg_pool2d(z, f.shape[-2:])  # (B, D, H, W)
+            shift = nnf.conv2d(z, self.shift.weight[:, :, None, None], self.shift.bias)
+            scale = nnf.conv2d(z, self.scale.weight[:, :, None, None], self.scale.bias)
         return self.mix((f + shift) * (1.0 + scale))
 
 
 class RefinementNet(nn.Module):
-    """G: U-Net generator over concat(image, p_F) with a global noise vector injected at every
-    decoder stage (>= 3 for the default widths). ``encode`` once, ``decode`` once per sample.
+    """G: U-Net generator over concat(image, p_F) with noise injected at every decoder stage (>= 3
+    for the default widths): one global vector per sample (the paper's), or with ``noise="regions"``
+    one per region of doubt (``training.noise_field``). ``encode`` once, ``decode`` once per sample.
 
     With ``prior_skip`` (ours, not the reference's) the output logits are log p_F + the decoder's
     output, and the head starts at zero: G starts out calibrated (its samples' mean is p_F) and
@@ -163,8 +179,8 @@ class RefinementNet(nn.Module):
         return [p_f.clamp_min(1e-6).log(), *self.encoder(torch.cat([image, p_f], dim=1))]
 
     def decode(self, feats: list[Tensor], z: Tensor) -> Tensor:
-        """``encode``'s output for B' = B * k rows (already repeated per sample) and z (B', noise_dim)
-        -> logits (B', C, H, W)."""
+        """``encode``'s output for B' = B * k rows (already repeated per sample) and z (B', noise_dim),
+        or noise maps (B', noise_dim, H, W) (``training.noise_field``) -> logits (B', C, H, W)."""
         log_prior, levels = feats[0], feats[1:]
         x = levels[-1]
         for inject, up, skip in zip(self.inject, self.ups, reversed(levels[:-1]), strict=True):
@@ -173,10 +189,11 @@ class RefinementNet(nn.Module):
         return logits + log_prior if self.config.prior_skip else logits
 
     def forward(self, image: Tensor, p_f: Tensor, z: Tensor) -> Tensor:
-        """k samples per image: z (B, k, noise_dim) -> logits (B, k, C, H, W)."""
+        """k samples per image: z (B, k, noise_dim) or maps (B, k, noise_dim, H, W) -> logits
+        (B, k, C, H, W)."""
         b, k = z.shape[:2]
         feats = [f.repeat_interleave(k, dim=0) for f in self.encode(image, p_f)]
-        logits = self.decode(feats, z.reshape(b * k, -1))  # (B*k, C, H, W)
+        logits = self.decode(feats, z.flatten(0, 1))  # (B*k, C, H, W)
         return logits.reshape(b, k, *logits.shape[1:])
 
 
@@ -188,8 +205,13 @@ class DiscriminatorConfig:
 
 
 class Discriminator(nn.Module):
-    """D: strided 4x4 convs over concat(image, mask), LeakyReLU 0.2, no normalisation, global mean
-    over the last map and a linear head: one logit per image (the sigmoid lives in the loss)."""
+    """D: strided 4x4 convs over concat(image, mask), LeakyReLU 0.2, no normalisation, and a 1x1
+    head: one logit per patch (the sigmoid lives in the loss).
+
+    Patches, not one logit per image: the pooled head gave logits of ~0.0007 +- 0.001 whatever the
+    input, and D sat at chance in every run. Each patch (receptive field ~45 px with the default
+    widths, a whole lesion with its rim) is now a verdict of its own. No full-resolution stem: it
+    doubled the cost of G's step on a CPU (D scores every sample of G)."""
 
     def __init__(self, config: DiscriminatorConfig) -> None:
         super().__init__()
@@ -200,12 +222,11 @@ class Discriminator(nn.Module):
             layers += [nn.Conv2d(c, width, 4, stride=2, padding=1), nn.LeakyReLU(0.2, inplace=True)]
             c = width
         self.features = nn.Sequential(*layers)
-        self.head = nn.Linear(c, 1)
+        self.head = nn.Conv2d(c, 1, 1)
 
     def forward(self, image: Tensor, mask: Tensor) -> Tensor:
-        """(B, C_in, H, W), (B, C, H, W) soft one-hot -> logits (B,)."""
-        h = self.features(torch.cat([image, mask], dim=1)).mean(dim=(2, 3))  # (B, C_last)
-        return self.head(h).squeeze(1)
+        """(B, C_in, H, W), (B, C, H, W) soft one-hot -> patch logits (B, H / 2^L, W / 2^L)."""
+        return self.head(self.features(torch.cat([image, mask], dim=1))).squeeze(1)
 
 
 @dataclass(frozen=True)
@@ -235,7 +256,7 @@ class ArchitectureConfig:
     def default(cls, in_channels: int, num_classes: int) -> ArchitectureConfig:
         return cls(
             calibration=CalibrationConfig(in_channels, num_classes),
-            refinement=RefinementConfig(in_channels, num_classes),
+            refinement=RefinementConfig(in_channels, num_classes, noise="regions"),
             discriminator=DiscriminatorConfig(in_channels, num_classes),
         )
 

@@ -23,6 +23,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
+from training import noise_field
 from training.manifest import Normalisation
 from training.networks import CalibrationNet, RefinementNet
 
@@ -91,8 +92,15 @@ class MemoryModel:
 
     @classmethod
     def of(cls, networks: Networks) -> MemoryModel:
-        width, classes = networks.refinement.config.widths[0], networks.refinement.config.num_classes
-        return cls(per_image=4 * (6 * width + 6 * classes), per_sample=4 * (10 * width + 4 * classes))
+        config = networks.refinement.config
+        width, classes = config.widths[0], config.num_classes
+        per_image, per_sample = 4 * (6 * width + 6 * classes), 4 * (10 * width + 4 * classes)
+        if _region_noise(networks.refinement):
+            # the region labels (int64) per image; per sample, its noise map at full resolution and
+            # the coarser copies the decoder pools (under twice the full one), and its labels' copy
+            per_image += 8
+            per_sample += 4 * 2 * config.noise_dim + 8
+        return cls(per_image=per_image, per_sample=per_sample)
 
     def fixed(self, pixels: int, k: int) -> int:
         """An image's share that does not shrink with the chunk: its maps and its k label maps."""
@@ -114,6 +122,27 @@ def noise(seed: int, k: int, noise_dim: int) -> Tensor:
     samples of a seed are the same whatever k is asked for."""
     generator = torch.Generator().manual_seed(seed)
     return torch.stack([torch.randn(noise_dim, generator=generator) for _ in range(k)])
+
+
+def _region_noise(refinement: torch.nn.Module) -> bool:
+    """Whether G takes one noise vector per region of doubt (``training.noise_field``); baselines and
+    the SSN sit in G's slot with configs of their own, which have no such field: global noise."""
+    return getattr(refinement.config, "noise", "global") == "regions"
+
+
+def region_vectors(z: Tensor, counts: Sequence[int]) -> Tensor:
+    """Per sample row j, the vectors of its image's ``counts[j]`` regions of doubt: (rows, R + 1, D),
+    R the largest count, row 0 unused, region 1 the sample's own z_j and the others drawn from a
+    generator keyed by z_j (``row_generator``), so they too depend on (image, seed, sample index)
+    alone, in any batch or chunk and on any device."""
+    table = torch.zeros(z.shape[0], max(counts, default=0) + 1, z.shape[1])
+    for j, (row, count) in enumerate(zip(z.cpu(), counts, strict=True)):
+        if count:
+            table[j, 1] = row
+            generator = row_generator(row)
+            for r in range(2, count + 1):
+                table[j, r] = torch.randn(z.shape[1], generator=generator)
+    return table
 
 
 def row_generator(z: Tensor) -> torch.Generator:
@@ -240,8 +269,14 @@ def sample(
         p_f = calibration(padded).float().softmax(dim=1)  # (B, C, Hp, Wp)
         feats = refinement.encode(padded, p_f)
     stats = _Stats(wanted, ks, p_f.shape[1], h, w, device)
-    z = torch.cat([noise(seed, k, refinement.config.noise_dim) for seed, k in zip(seeds, ks, strict=True)]).to(device)
+    z = torch.cat([noise(seed, k, refinement.config.noise_dim) for seed, k in zip(seeds, ks, strict=True)])
     rows = torch.repeat_interleave(torch.arange(len(ks), device=device), torch.tensor(list(ks), device=device))
+    regions = _region_noise(refinement)
+    if regions:
+        config = refinement.config
+        region_labels, counts = noise_field.doubt_regions(p_f, config.doubt_threshold, config.region_grow)
+        z = region_vectors(z, [counts[i] for i in rows.tolist()])
+    z = z.to(device)
     chunk = decode_batch
     if memory_budget is not None:
         chunk = min(chunk, MemoryModel.of(networks).chunk(padded.shape[-2] * padded.shape[-1], ks, memory_budget))
@@ -249,7 +284,8 @@ def sample(
         if start and should_stop is not None and should_stop():
             raise Stopped(f"stopped after {start} of {len(rows)} samples")
         idx = rows[start : start + chunk]
+        noise_in = noise_field.field(region_labels[idx], z[start : start + chunk]) if regions else z[start : start + chunk]
         with autocast:
-            logits = refinement.decode([f[idx] for f in feats], z[start : start + chunk])
+            logits = refinement.decode([f[idx] for f in feats], noise_in)
         stats.add(start, logits.float().softmax(dim=1)[..., :h, :w])
     return _summarise(stats, p_f[..., :h, :w], wanted)
