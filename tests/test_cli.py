@@ -84,3 +84,25 @@ def test_evaluate_a_baseline_built_on_the_checkpoint(tmp_path):
     assert data["method"] == "deterministic" and data["diversity_4"] == 0.0
     manifest = json.loads((tmp_path / "tiny" / "1" / "manifest.json").read_text())
     assert "synthetic:halo:test:deterministic" in manifest["metrics"]
+
+
+def test_train_passes_init_and_amp_to_the_training_run(tmp_path, monkeypatch, capsys):
+    import training.train
+
+    configs = []
+    monkeypatch.setattr(training.train, "train", lambda config: configs.append(config) or config.out / "1")
+    common = ["train", "--data", "lidc-sample", "--out", str(tmp_path / "tuned"), "--steps", "2", "--device", "cpu"]
+    main([*common, "--init", str(tmp_path / "tiny")])
+    main([*common, "--no-amp"])
+    assert [(c.init, c.amp) for c in configs] == [(tmp_path / "tiny", None), (None, False)]
+    assert f"best version: {tmp_path / 'tuned' / '1'}" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("extra", "message"),
+    [(["--amp"], "--amp: bfloat16 autocast on cpu"), (["--method", "ssn", "--init", "x"], "for --method car")],
+)
+def test_train_refuses_amp_on_a_cpu_and_init_for_ssn(tmp_path, extra, message):
+    with pytest.raises(SystemExit, match=message):
+        main(["train", "--data", "synthetic:flips", "--out", str(tmp_path / "m"), "--steps", "1", "--device", "cpu", *extra])
+    assert not (tmp_path / "m").exists()

@@ -1,13 +1,19 @@
 import json
+import shutil
+from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 
+from tests.service_fixtures import write_tiny_model
 from training.checkpoint import load_model
 from training.config import TrainConfig
 from training.data import open_dataset
 from training.evaluate import evaluate
-from training.train import STATE_DIR, train
+from training.manifest import CheckpointError
+from training.networks import ArchitectureConfig
+from training.train import STATE_DIR, _build, _discriminator_loss, _set_up, _step, train, use_amp
 
 TINY = {
     "calibration": {"in_channels": 3, "num_classes": 9, "widths": [8, 16]},
@@ -60,3 +66,102 @@ def test_resume_refuses_other_data(tmp_path):
 
     with pytest.raises(CheckpointError, match="was trained on"):
         train(replace(_config(out, 3), data="synthetic:halo"))
+
+
+def _weights(module: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone() for k, v in module.state_dict().items()}
+
+
+def _same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+    return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_amp_is_on_by_default_on_cuda_only_and_refused_on_a_cpu():
+    assert use_amp(None, torch.device("cuda")) and not use_amp(None, torch.device("cpu"))
+    assert not use_amp(False, torch.device("cuda", 0))
+    with pytest.raises(ValueError, match="70x slower"):
+        use_amp(True, torch.device("cpu"))
+
+
+def test_a_bf16_autocast_step_trains_every_net_with_float32_losses_and_r1(tmp_path):
+    # CUDA's AMP path, run on the CPU, where bf16 autocast works, only slowly
+    torch.manual_seed(0)
+    config = _config(tmp_path / "unused", 1)
+    nets = _build(config, ArchitectureConfig.from_dict(TINY), torch.device("cpu"))
+    before = {name: _weights(getattr(nets, name)) for name in ("calibration", "refinement", "discriminator")}
+    image, label = torch.randn(2, 3, 32, 32), torch.randint(9, (2, 32, 32))
+    log = _step(config, nets, image, label, train_g=True, d_accuracy=0.5, amp=True)
+    assert set(log) == {"loss_f", "loss_cal", "loss_adv", "loss_d", "d_acc"} and all(np.isfinite(v) for v in log.values())
+    for name, weights in before.items():
+        net = getattr(nets, name)
+        assert not _same(weights, _weights(net)), f"{name} did not train"
+        assert all(p.dtype == torch.float32 for p in net.parameters())
+    # D's loss, R1 included, is the float32 one even when its caller runs under autocast
+    real, fake = torch.nn.functional.one_hot(label, 9).permute(0, 3, 1, 2).float(), torch.rand(2, 9, 32, 32).softmax(1)
+    plain, _ = _discriminator_loss(config, nets, image, real, fake, update=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        under_autocast, _ = _discriminator_loss(config, nets, image, real, fake, update=False)
+    assert under_autocast.dtype == torch.float32 and torch.equal(plain, under_autocast)
+
+
+@pytest.fixture(scope="module")
+def base_model(tmp_path_factory):
+    """A tiny CAR model (folder ``base``) trained for two steps on synthetic:flips."""
+    out = tmp_path_factory.mktemp("init") / "base"
+    train(_config(out, 2))
+    return out
+
+
+def test_fine_tuning_starts_f_g_and_their_averages_from_the_init_model(tmp_path, base_model):
+    init = load_model(base_model)
+    run = _set_up(replace(_config(tmp_path / "ft", 2), init=base_model, architecture=None), torch.device("cpu"))
+    model = ArchitectureConfig.from_dict(init.manifest["architecture"])
+    assert (run.nets.arch.calibration, run.nets.arch.refinement) == (model.calibration, model.refinement)
+    for net, average, start in (
+        (run.nets.calibration, run.nets.ema_f.module, init.networks.calibration),
+        (run.nets.refinement, run.nets.ema_g.module, init.networks.refinement),
+    ):
+        assert _same(_weights(net), _weights(start)) and _same(_weights(average), _weights(start))
+    torch.manual_seed(0)  # what a fresh run would start from
+    fresh = _build(run.config, run.nets.arch, torch.device("cpu"))
+    assert not _same(_weights(fresh.calibration), _weights(init.networks.calibration))
+    path = str((base_model / "1").resolve())
+    assert run.progress.init == {"name": "base", "version": "1", "path": path, "sha256": init.manifest["sha256"]}
+
+
+def test_a_fine_tune_records_its_init_and_resumes_only_from_the_same_one(tmp_path, base_model, capsys):
+    config = replace(_config(tmp_path / "ft", 2), init=base_model)
+    version = train(config)
+    manifest = json.loads((version / "manifest.json").read_text())
+    assert manifest["architecture"] == json.loads((base_model / "1" / "manifest.json").read_text())["architecture"]
+    init = manifest["training"]["init"]
+    assert (init["name"], init["version"], init["path"]) == ("base", "1", str((base_model / "1").resolve()))
+
+    capsys.readouterr()
+    train(replace(config, steps=3))  # the same init: resumes, the init is not loaded again
+    assert "resumes from its train-state" in capsys.readouterr().out
+    state = json.loads((config.out / STATE_DIR / "state.json").read_text())
+    assert state["step"] == 3 and state["init"] == init
+
+    other = tmp_path / "other"
+    shutil.copytree(base_model / "1", other / "1")
+    with pytest.raises(CheckpointError, match=r"began from .*base/1, not from --init"):
+        train(replace(config, steps=4, init=other))
+    with pytest.raises(CheckpointError, match="began from scratch"):
+        train(replace(_config(base_model, 4), init=other))
+
+
+def test_fine_tuning_refuses_a_model_for_other_classes(tmp_path):
+    write_tiny_model(tmp_path, "lidc", channels=1, classes=2)
+    with pytest.raises(CheckpointError, match=r"classes \['background', 'nodule'\] on 1 channels, but synthetic:flips has"):
+        train(replace(_config(tmp_path / "ft", 2), init=tmp_path / "lidc"))
+    assert not (tmp_path / "ft" / "1").exists()
+
+
+def test_lidc_sample_selects_versions_on_its_training_crops_never_its_test_crops(lidc_root):
+    def ids(split):
+        dataset = open_dataset("lidc-sample", split)
+        return {dataset[i].case_id for i in range(len(dataset))}
+
+    val, train_ids, test = ids("val"), ids("train"), ids("test")
+    assert len(val) == 19 and val == train_ids and not val & test

@@ -32,9 +32,20 @@ def _device(name: str, threads: int | None = None) -> torch.device:
 
 
 def _train(args: argparse.Namespace) -> None:
-    from training.train import train
+    from training import distributed
+    from training.train import train, use_amp
 
     device = _device(args.device, args.threads)
+    if args.method == "ssn" and (args.init or args.amp or distributed.launched()):
+        raise SystemExit("--init, --amp and torchrun are for --method car: the SSN trains from scratch in one process")
+    try:
+        device = distributed.rank_device(device)
+    except ValueError as exc:
+        raise SystemExit(f"--device: {exc}") from exc
+    try:
+        use_amp(args.amp, device)
+    except ValueError as exc:
+        raise SystemExit(f"--amp: {exc}") from exc
     config = TrainConfig(
         data=args.data,
         out=Path(args.out),
@@ -42,6 +53,7 @@ def _train(args: argparse.Namespace) -> None:
         minutes=args.minutes,
         size=args.size,
         lambda_cal=args.lambda_cal,
+        lambda_adv=args.lambda_adv,
         cal_forward_weight=args.cal_forward_weight,
         samples=args.samples,
         batch_size=args.batch_size,
@@ -49,6 +61,8 @@ def _train(args: argparse.Namespace) -> None:
         device=str(device),
         val_every_s=args.val_every,
         f_warmup=args.f_warmup,
+        amp=args.amp,
+        init=Path(args.init) if args.init else None,
     )
     if args.method == "ssn":
         from training.train_ssn import train_ssn
@@ -56,7 +70,8 @@ def _train(args: argparse.Namespace) -> None:
         version = train_ssn(config)
     else:
         version = train(config)
-    print(f"best version: {version}")  # noqa: T201 - CLI output
+    if distributed.is_main():
+        print(f"best version: {version}")  # noqa: T201 - CLI output
 
 
 def _print_evaluation(title: str, result: Evaluation) -> None:
@@ -154,6 +169,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--minutes", type=float)
     p.add_argument("--size", type=int, help="train on random square crops of this side")
     p.add_argument("--lambda-cal", type=float, default=_TRAIN_DEFAULTS["lambda_cal"], help="weight of L_cal (0 = the ablation)")
+    p.add_argument("--lambda-adv", type=float, default=_TRAIN_DEFAULTS["lambda_adv"], help="weight of L_adv (0 = CAR without D: D is not run)")
     p.add_argument("--cal-forward-weight", type=float, default=_TRAIN_DEFAULTS["cal_forward_weight"], help="weight of the forward KL inside L_cal")
     p.add_argument("--samples", type=int, default=_TRAIN_DEFAULTS["samples"], help="samples of G per input per step")
     p.add_argument("--batch-size", type=int, default=_TRAIN_DEFAULTS["batch_size"])
@@ -162,6 +178,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--threads", type=int, help="torch CPU threads")
     p.add_argument("--val-every", type=float, default=_TRAIN_DEFAULTS["val_every_s"], help="seconds between validations")
     p.add_argument("--f-warmup", type=float, default=_TRAIN_DEFAULTS["f_warmup"], help="share of the budget F trains alone before G starts")
+    p.add_argument(
+        "--amp", action=argparse.BooleanOptionalAction, default=_TRAIN_DEFAULTS["amp"],
+        help="bfloat16 autocast of the forward passes (default: on CUDA, off on a CPU, where it is refused: ~70x slower there)",
+    )
+    p.add_argument(
+        "--init", metavar="MODEL_DIR",
+        help="fine-tune: start F and G from this model (model folder: its latest version; or a version folder), with its architecture; "
+        "if --out has a train-state, that resumes instead (the same --init is then ignored, another refused)",
+    )
     p.set_defaults(func=_train)
 
     p = sub.add_parser("evaluate", help="metrics of a checkpoint on a data set")

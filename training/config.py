@@ -22,10 +22,13 @@ class TrainConfig:
     cal_forward_weight: float = 1.0  # weight of KL(p_F || mean G) inside L_cal (ours; 0 = paper)
     lr_f: float = 2e-4
     lr_g: float = 2e-4
-    lr_d: float = 1e-4
+    # D at 5x G's lr, with no weight decay and R1 at 0.625 on the logit (the reference's gamma 10 on
+    # the sigmoid, whose slope at chance is 1/4): with lr 1e-4, decay 5e-4 (the order of its BCE
+    # gradients) and gamma 10 on the logit, D stayed at BCE 1.386 / accuracy 0.5 in every run
+    lr_d: float = 1e-3
     betas: tuple[float, float] = (0.5, 0.99)
-    weight_decay: float = 5e-4
-    r1_gamma: float = 10.0
+    weight_decay: float = 5e-4  # F's and G's; D has none
+    r1_gamma: float = 0.625
     d_accuracy_gate: float = 0.85  # D learns only while its accuracy is below this
     # share of the budget F trains alone before G starts: F's calibration is the floor of G's, and
     # an F step costs about an eighth of a G step, so F's head start is cheap
@@ -40,7 +43,14 @@ class TrainConfig:
     val_samples: int = 16
     seed: int = 0
     device: str = "cpu"
+    # bfloat16 autocast of the nets' forward passes; None: on when the device is CUDA, off on a CPU
+    # (where it made these U-Nets ~70x slower; training.train.use_amp refuses it there)
+    amp: bool | None = None
     architecture: dict[str, Any] | None = field(default=None)
+    # fine-tune: F and G start from this model (a model folder's latest version, or a version
+    # folder), with its architecture; ignored with a notice when ``out`` resumes from a state that
+    # began from it (training.train)
+    init: Path | None = None
 
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.minutes is None):
@@ -51,4 +61,5 @@ class TrainConfig:
     def to_json(self) -> dict[str, Any]:
         data = asdict(self)
         data["out"] = str(self.out)
+        data["init"] = None if self.init is None else str(self.init)
         return data

@@ -1,7 +1,9 @@
 """The LIDC sample the repository ships in ``data/lidc-sample``: ``{training,testing}/<case>/image_<n>.jpg`` and
 ``label0_.jpg``..``label3_.jpg`` (JPEG, so binarised with ``pixel > 127``; an all-black mask is a
-grader who marked no nodule). ``train`` reads ``training``; ``val`` and ``test`` both read
-``testing`` (the sample is far too small to hold out a third part)."""
+grader who marked no nodule). ``train`` and ``val`` read the 19 ``training`` crops, ``test`` the 9
+``testing`` ones: the sample is far too small to hold out a third part, and selecting versions on
+the test crops would leak them into the test score. Validating on the training crops cannot pick
+the version that generalises best; on a set this small it mostly guards against divergence."""
 
 from __future__ import annotations
 
@@ -16,7 +18,7 @@ from training.data.cases import Case
 from training.data.folder import DatasetError
 
 CLASSES = ("background", "nodule")
-_SPLIT_DIRS = {"train": "training", "val": "testing", "test": "testing"}
+_SPLIT_DIRS = {"train": "training", "val": "training", "test": "testing"}
 
 
 def default_root() -> Path:
