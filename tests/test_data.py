@@ -1,10 +1,13 @@
 import json
+from collections import Counter
 
 import numpy as np
 import pytest
 from PIL import Image
+from scipy import ndimage
 
 from training.data import DatasetError, open_dataset
+from training.data.cells import CELL_CLASSES, CELL_COLOURS, CELL_KINDS, MIX_LEVELS, MIX_PAIRS
 from training.data.folder import write_case, write_classes
 from training.data.synthetic import FLIP_CLASSES, HALO_KINDS, SyntheticDataset
 
@@ -21,7 +24,7 @@ def test_lidc_sample_reads_real_crops_with_four_graders(lidc_root):
     assert any(open_dataset("lidc-sample", "test")[i].labels.any() for i in range(len(test)))
 
 
-@pytest.mark.parametrize("generator", ["halo", "flips"])
+@pytest.mark.parametrize("generator", ["halo", "flips", "cells"])
 def test_synthetic_is_reproducible_and_follows_its_truth(generator):
     ds = SyntheticDataset(generator, "test", 10)
     a, b = ds[3], ds[3]
@@ -55,11 +58,103 @@ def test_halo_crops_are_centred_on_their_lesion_and_every_kind_occurs():
     assert seen == {"solid", *HALO_KINDS}
 
 
+def test_halo_vessel_cross_sections_reach_radius_3_and_are_never_annotated(monkeypatch):
+    from training.data import synthetic
+
+    drawn = []
+    vessels = synthetic._vessels
+    monkeypatch.setattr(synthetic, "_vessels", lambda rng, size: drawn.append(vessels(rng, size)) or drawn[-1])
+    cases = list(SyntheticDataset("halo", "test", 30))
+    assert len(drawn) == len(cases)
+    disc = np.hypot(*np.mgrid[-2:3, -2:3]) <= 2
+    blob_radii, nodule_radii = [], []
+    for case, share in zip(cases, drawn, strict=True):
+        lesion = case.truth.marginals(2)[1] > 0
+        assert not case.labels[:, (share > 0.2) & ~lesion].any(), case.case_id
+        # at full contrast, vessels in the slice are under 3 px wide, so the parts where a 5 px disc
+        # fits are cross-sections (radius r is at full contrast out to sqrt((r + 1/2)^2 - 4) px)
+        full = share >= 0.99
+        blobs, _ = ndimage.label(full)
+        wide = np.unique(blobs[ndimage.binary_opening(full, structure=disc)])
+        blob_radii += [np.sqrt((blobs == b).sum() / np.pi) for b in wide[wide > 0]]
+        nodule_radii.append(np.sqrt(lesion.sum() / np.pi))
+    # a cross-section of radius 2.8-3 shows 21-25 px at full contrast: r_eq 2.6-2.8
+    assert sum(2.5 < r < 3.0 for r in blob_radii) >= 5
+    assert np.mean(nodule_radii) > 2 * np.mean(blob_radii)
+
+
 def test_synthetic_image_shapes():
     halo = SyntheticDataset("halo", "val", 2)[1]
     flips = SyntheticDataset("flips", "val", 2)[1]
     assert halo.image.shape == (128, 128, 1) and flips.image.shape == (64, 64, 3)
     assert flips.labels.max() < len(FLIP_CLASSES)
+    cells = open_dataset("synthetic:cells", "val", length=2)
+    assert cells.classes == CELL_CLASSES and len(cells.classes) == 4 and cells.in_channels == 3
+    assert cells[1].image.shape == (64, 64, 3) and cells[1].image.dtype == np.uint8 and cells[1].labels.shape == (4, 64, 64)
+    assert cells.description["event_probabilities"] == CELL_KINDS
+
+
+def test_cells_hold_several_events_each_on_its_own_cell():
+    cells, events = [], []
+    for case in SyntheticDataset("cells", "test", 100):
+        truth = case.truth
+        regions = [e.region for e in truth.events]
+        # an event's pixels are no other's: a mixed cell's base is its first type, a membrane's background
+        assert all((truth.base[e.region] == e.off_label).all() for e in truth.events)
+        assert np.all(np.sum(regions, axis=0) <= 1)
+        cells.append(ndimage.label(np.any([truth.base > 0, *regions], axis=0))[1])  # cells never touch: one component each
+        events.append(len(regions))
+    assert np.mean([2 <= n <= 4 for n in cells]) > 0.9
+    assert np.mean(events) > 2 and np.mean([n >= 2 for n in events]) > 0.7
+
+
+def test_cells_annotators_follow_the_event_probabilities():
+    hits: Counter[str] = Counter()
+    draws: Counter[str] = Counter()
+    for case in SyntheticDataset("cells", "train", 400):
+        for event in case.truth.events:
+            assert event.probability == CELL_KINDS[event.kind]
+            region = case.labels[:, event.region]
+            assert (region == region[:, :1]).all()  # each annotator labels a cell or membrane whole
+            hits[event.kind] += int((region[:, 0] == event.on_label).sum())
+            draws[event.kind] += len(region)
+    assert set(draws) == set(CELL_KINDS)
+    for kind, p in CELL_KINDS.items():
+        # within 4 standard errors of the binomial share (0.06 for a mix kind, 0.1 for a membrane kind)
+        assert abs(hits[kind] / draws[kind] - p) < 4 * np.sqrt(p * (1 - p) / draws[kind]), (kind, hits[kind], draws[kind])
+
+
+def _cytoplasm_colour(image, region):
+    pixels = image[region].astype(np.float64)
+    brightness = pixels.sum(1)
+    return pixels[brightness >= np.median(brightness)].mean(0)  # the brighter half: the nucleus is darker
+
+
+def test_cells_ambiguity_is_read_from_the_colour():
+    # the nearest of all colours a cell can have (each pair of types, each mixing level) says both
+    # its types and its probability: pure cells are never events, mixed cells events of that level
+    grid = [(first, second, t, (1 - t) * CELL_COLOURS[first - 1] + t * CELL_COLOURS[second - 1]) for first, second in MIX_PAIRS for t in MIX_LEVELS]
+    for case in SyntheticDataset("cells", "test", 150):
+        truth = case.truth
+        mixed = [e for e in truth.events if e.kind.startswith("mix_")]
+        cells, count = ndimage.label(np.any([truth.base > 0, *(e.region for e in mixed)], axis=0))
+        for index in range(1, count + 1):
+            cell = cells == index
+            first, second, t, _ = min(grid, key=lambda g: np.linalg.norm(g[3] - _cytoplasm_colour(case.image, cell)))
+            event = next((e for e in mixed if e.region[cell].all()), None)
+            if t in (0.0, 1.0):
+                assert event is None and (truth.base[cell] == (first if t == 0.0 else second)).all(), case.case_id
+            else:
+                assert event is not None and (event.off_label, event.on_label, event.probability) == (first, second, t), case.case_id
+        for event in truth.events:
+            if event.kind.startswith("membrane_"):
+                # a membrane's contrast against the background around it is its probability
+                inside = ndimage.binary_fill_holes(event.region) & ~event.region
+                around = ndimage.binary_dilation(event.region, iterations=2) & ~event.region & ~inside
+                background = case.image[around].astype(np.float64).mean(0)
+                cell = _cytoplasm_colour(case.image, inside) - background
+                contrast = (case.image[event.region].mean(0) - background) @ cell / (cell @ cell)
+                assert abs(contrast - event.probability) < 0.1, (case.case_id, contrast, event.probability)
 
 
 def test_folder_format_round_trip(tmp_path):

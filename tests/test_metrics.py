@@ -1,9 +1,16 @@
 import numpy as np
 import pytest
+import torch
 from scipy.optimize import linear_sum_assignment
 
 from training import metrics
+from training.baselines import PixelSampler, PixelSamplerConfig
+from training.data import open_dataset
 from training.data.cases import Event, KnownDistribution
+from training.evaluate import evaluate
+from training.manifest import Normalisation
+from training.networks import CalibrationConfig, CalibrationNet
+from training.sampling import Networks
 
 E = np.zeros((2, 2), np.uint8)  # empty mask
 A = np.array([[1, 1], [0, 0]], np.uint8)
@@ -167,3 +174,81 @@ def test_known_distribution_modes_enumerate_every_combination_with_its_probabili
     both = [i for i in range(4) if (modes[i] == np.array([[1, 1], [2, 2]])).all()]
     assert weights[both[0]] == pytest.approx(0.18)
     assert KnownDistribution(base, events * 4).modes(max_modes=64) is None
+
+
+def test_event_pairs_correlate_coupled_events_and_skip_constant_ones():
+    a = np.array([True, False] * 8)
+    correlation, dependence = metrics.event_pairs([a, a, ~a, np.ones(16, bool)])
+    # pairs (0,1) (0,2) (0,3) (1,2) (1,3) (2,3): equal, opposite, one constant
+    assert correlation[[0, 1, 3]] == pytest.approx([1.0, -1.0, -1.0])
+    assert np.isnan(correlation[[2, 4, 5]]).all()
+    # P(a and a) - P(a)^2 = 0.5 - 0.25; P(a and not a) - P(a)P(not a) = 0 - 0.25; a constant: 0
+    assert dependence == pytest.approx([0.25, 0.25, 0.0, 0.25, 0.0, 0.0])
+    # partly coupled: P(i) = 1/2, P(j) = 1/4, P(i and j) = 1/4 -> 1/8 over sqrt(1/4 x 3/16)
+    correlation, dependence = metrics.event_pairs([np.array([1, 1, 0, 0], bool), np.array([1, 0, 0, 0], bool)])
+    assert dependence == pytest.approx([0.125]) and correlation == pytest.approx([0.125 / np.sqrt(0.25 * 0.1875)])
+    assert metrics.event_pairs([a])[0].shape == (0,)
+
+
+def test_independent_events_over_many_samples_neither_correlate_nor_depend():
+    rng = np.random.default_rng(0)
+    draws = rng.random((3, 200_000)) < np.array([[0.3], [0.6], [0.5]])
+    correlation, dependence = metrics.event_pairs(list(draws))
+    assert np.abs(correlation).max() < 0.01 and dependence.max() < 0.003
+
+
+def test_pair_dependence_floor_is_exact_and_matches_simulation():
+    rng = np.random.default_rng(1)
+    n, p, q = 16, 0.3, 0.6
+    i, j = rng.random((2, 100_000, n)) < np.array([p, q])[:, None, None]
+    simulated = np.abs((i & j).mean(1) - i.mean(1) * j.mean(1)).mean()
+    assert metrics.pair_dependence_floor([(p, q)], n) == pytest.approx(simulated, abs=1e-3)
+    # n = 1: one sample, P(i and j) = P(i) P(j) always
+    assert metrics.pair_dependence_floor([(p, q)], 1) == 0.0
+    assert metrics.pair_dependence_floor([(0.0, 0.5), (0.5, 1.0)], 16) == 0.0
+    assert metrics.pair_dependence_floor([(0.5, 0.5)], 16) > 0.04 > metrics.pair_dependence_floor([(0.5, 0.5)], 100)
+    with pytest.raises(ValueError, match="at least one pair"):
+        metrics.pair_dependence_floor([], 16)
+
+
+class _OneSwitch(torch.nn.Module):
+    """A sampler in G's slot that labels every pixel of a sample 1 or 2 by the sign of its first
+    noise value: all of an image's events switch together, the opposite of independent."""
+
+    def __init__(self, classes: int) -> None:
+        super().__init__()
+        self.config = PixelSamplerConfig(classes)
+
+    def encode(self, image, p_f):
+        return [p_f]
+
+    def decode(self, feats, z):
+        labels = torch.where(z[:, 0] > 0, 1, 2)[:, None, None].expand(-1, *feats[0].shape[-2:])
+        return torch.nn.functional.one_hot(labels, self.config.num_classes).permute(0, 3, 1, 2).float() * 30.0
+
+
+def _networks(sampler, channels, classes):
+    torch.manual_seed(0)
+    calibration = CalibrationNet(CalibrationConfig(channels, classes, widths=(8, 16))).eval()
+    return Networks(calibration, sampler.eval(), Normalisation())
+
+
+def test_evaluate_reports_pair_independence_on_cells_and_only_where_images_have_pairs():
+    cells = open_dataset("synthetic:cells", "test", length=6)
+    pairs = sum(len(c.truth.events) * (len(c.truth.events) - 1) // 2 for c in cells)
+    assert pairs > 6
+    classes = len(cells.classes)
+    coupled = evaluate(_networks(_OneSwitch(classes), 3, classes), cells, n_samples=16).summary
+    assert coupled["pairs"] == pairs and coupled["pair_correlation_pairs"] > 0
+    assert coupled["pair_correlation"] > 0.5 and coupled["pair_dependence"] > 2 * coupled["pair_dependence_floor"] > 0
+    # pixels drawn one by one: events that vary at all vary independently of each other
+    independent = evaluate(_networks(PixelSampler(classes, independent=True), 3, classes), cells, n_samples=16).summary
+    assert independent["pair_correlation_pairs"] > 0 and abs(independent["pair_correlation"]) < 0.3
+    assert independent["pair_dependence"] < coupled["pair_dependence"] / 4
+    # a sampler without randomness: every event the same in all samples, so no correlation exists
+    fixed = evaluate(_networks(PixelSampler(classes, independent=False), 3, classes), cells, n_samples=16).summary
+    assert fixed["pairs"] == pairs and fixed["pair_dependence"] == 0.0
+    assert fixed["pair_correlation_pairs"] == 0 and "pair_correlation" not in fixed
+    # halo holds at most one event per image: nothing to pair
+    halo = evaluate(_networks(PixelSampler(2, independent=False), 1, 2), open_dataset("synthetic:halo", "test", length=3), n_samples=4).summary
+    assert "calibration_error" in halo and not {"pairs", "pair_correlation", "pair_dependence", "pair_dependence_floor"} & set(halo)

@@ -9,7 +9,12 @@
   probability), the oracle values a perfect sampler gets at the same n (``oracle_ged_16``,
   ``oracle_ged_truth_16``; ratios only where the oracle is > 0), ``calibration_error`` (each
   kind's events pooled), ``event_calibration_error`` (event by event) next to
-  ``event_calibration_floor`` (what a perfect sampler scores at n = 16), and ``coherence``.
+  ``event_calibration_floor`` (what a perfect sampler scores at n = 16), ``coherence``, and, where
+  some image has two or more events (independent in truth), whether the samples keep them
+  independent (``metrics.event_pairs``, over every pair of an image's events): ``pairs``,
+  ``pair_correlation`` (the mean over the ``pair_correlation_pairs`` pairs where both events vary
+  across the samples; 0 for the truth), ``pair_dependence`` (mean |P(i and j) - P(i) P(j)|) next
+  to ``pair_dependence_floor`` (what a sampler with independent events scores at n = 16).
 
 The sampler is anything ``training.sampling.sample`` runs: CAR's F and G, a baseline
 (``training.baselines``) or the peer method, so every method is judged by the same code.
@@ -17,6 +22,7 @@ The sampler is anything ``training.sampling.sample`` runs: CAR's F and G, a base
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -54,6 +60,10 @@ class _Tally:
         self.confidences: dict[str, list[np.ndarray]] = {"p_f": [], "samples": []}
         self.frequencies: dict[str, list[np.ndarray]] = {"p_f": [], "samples": []}
         self.records: list[tuple[str, float, np.ndarray]] = []
+        # per pair of one image's events: their probabilities, correlation (nan: undefined) and dependence
+        self.pair_probabilities: list[tuple[float, float]] = []
+        self.pair_correlations: list[float] = []
+        self.pair_dependences: list[float] = []
 
     def add(self, name: str, value: float) -> None:
         self.values.setdefault(name, []).append(value)
@@ -83,10 +93,17 @@ def _add_truth(tally: _Tally, case: Case, samples: np.ndarray, n: int, classes: 
     if modes is not None:
         tally.add(f"ged_truth_{n}", metrics.ged_to_distribution(samples, *modes, classes))
         tally.add(f"oracle_ged_truth_{n}", metrics.ged_to_distribution(truth.sample(rng, n), *modes, classes))
+    outcomes = []
     for event in truth.events:
         happened, coherence = metrics.event_outcomes(samples, event)
         tally.records.append((event.kind, event.probability, happened))
         tally.add("coherence", float(coherence.mean()))
+        outcomes.append(happened)
+    if len(outcomes) >= 2:
+        correlation, dependence = metrics.event_pairs(outcomes)
+        tally.pair_correlations.extend(correlation.tolist())
+        tally.pair_dependences.extend(dependence.tolist())
+        tally.pair_probabilities.extend(itertools.combinations([e.probability for e in truth.events], 2))
 
 
 def _ratio(summary: dict[str, Any], name: str, oracle: str, ratio: str) -> None:
@@ -145,4 +162,12 @@ def evaluate(
         summary["calibration_error"], per_kind = metrics.calibration_error(tally.records)
         summary["event_calibration_error"] = metrics.event_calibration_error(tally.records)
         summary["event_calibration_floor"] = metrics.perfect_sampler_floor([p for _, p, _ in tally.records], n)
+    if tally.pair_dependences:
+        summary["pairs"] = len(tally.pair_dependences)
+        summary["pair_dependence"] = float(np.mean(tally.pair_dependences))
+        summary["pair_dependence_floor"] = metrics.pair_dependence_floor(tally.pair_probabilities, n)
+        defined = [c for c in tally.pair_correlations if not np.isnan(c)]
+        summary["pair_correlation_pairs"] = len(defined)
+        if defined:  # else no pair has both events varying: a correlation says nothing
+            summary["pair_correlation"] = float(np.mean(defined))
     return Evaluation(summary, per_kind, reliability)

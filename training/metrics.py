@@ -11,6 +11,7 @@ So for binary masks: both empty -> d = 0, exactly one empty -> d = 1 (the LIDC c
 
 from __future__ import annotations
 
+import functools
 import math
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
@@ -18,6 +19,7 @@ from dataclasses import dataclass
 
 import numpy as np
 from scipy.optimize import linear_sum_assignment
+from scipy.special import gammaln
 
 from training.data.cases import Event
 
@@ -174,21 +176,70 @@ def event_calibration_error(records: Iterable[tuple[str, float, np.ndarray]]) ->
     return float(np.mean(errors))
 
 
+def _binomial(n: int, p: float) -> np.ndarray:
+    """P(K = k) for k = 0..n, K ~ Binomial(n, p), 0 < p < 1."""
+    k = np.arange(n + 1)
+    return np.exp(gammaln(n + 1) - gammaln(k + 1) - gammaln(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p))
+
+
 def perfect_sampler_floor(probabilities: Iterable[float], n: int) -> float:
     """What ``event_calibration_error`` expects of a perfect sampler at n samples: the mean over
     events of E|K / n - p|, K ~ Binomial(n, p), computed exactly. A model can only be judged
     against this floor (at n = 16 and p = 0.3 it is 0.09), never against 0."""
     ks = np.arange(n + 1)
-    log_choose = np.array([math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) for k in ks])
     floors = []
     for p in probabilities:
         if p <= 0.0 or p >= 1.0:
             floors.append(0.0)
             continue
-        pmf = np.exp(log_choose + ks * math.log(p) + (n - ks) * math.log1p(-p))
-        floors.append(float((pmf * np.abs(ks / n - p)).sum()))
+        floors.append(float((_binomial(n, p) * np.abs(ks / n - p)).sum()))
     if not floors:
         raise ValueError("perfect_sampler_floor needs at least one event")
+    return float(np.mean(floors))
+
+
+def event_pairs(outcomes: Sequence[np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """How one image's events, independent in truth, co-occur over the same n samples: for each pair
+    i < j of the (n,) bool ``outcomes`` (``event_outcomes``' first output), the Pearson correlation
+    of the two (nan where either is the same in every sample, so has no variance) and the
+    dependence |P(i and j) - P(i) P(j)|, frequencies over the samples. Both are 0 for independent
+    events in the limit of many samples; a sampler that draws one image-wide switch for all the
+    events gives |correlation| 1. Returns two (pairs,) arrays, pairs in (0, 1), (0, 2), .., (1, 2) order."""
+    happened = np.asarray(outcomes, dtype=np.float64).reshape(len(outcomes), -1)  # (E, n)
+    first, second = np.triu_indices(len(happened), k=1)
+    share = happened.mean(axis=1)
+    joint = (happened[first] * happened[second]).mean(axis=1)
+    covariance = joint - share[first] * share[second]
+    spread = np.sqrt(share * (1.0 - share))  # the standard deviation of a 0/1 outcome
+    scale = spread[first] * spread[second]
+    with np.errstate(invalid="ignore", divide="ignore"):
+        correlation = np.where(scale > 0, covariance / scale, np.nan)
+    return np.clip(correlation, -1.0, 1.0), np.abs(covariance)
+
+
+@functools.cache
+def _pair_floor(p: float, q: float, n: int) -> float:
+    if min(p, q) <= 0.0 or max(p, q) >= 1.0:
+        return 0.0  # an event that never or always happens: its share is constant, the gap exactly 0
+    # every outcome of n samples, by how many have the first event (K_p ~ Bin(n, p)), how many of
+    # those also have the second (~ Bin(K_p, q)) and how many of the rest have it (~ Bin(n - K_p, q))
+    expected = 0.0
+    for first, chance in enumerate(_binomial(n, p)):
+        both = np.arange(first + 1)[:, None]
+        only_second = np.arange(n - first + 1)[None, :]
+        weight = chance * _binomial(first, q)[:, None] * _binomial(n - first, q)[None, :]
+        expected += float((weight * np.abs(both / n - first / n * (both + only_second) / n)).sum())
+    return expected
+
+
+def pair_dependence_floor(probabilities: Iterable[tuple[float, float]], n: int) -> float:
+    """What ``event_pairs``' dependence expects of a perfect sampler, whose events are independent,
+    at n samples: the mean over pairs (p, q) of E|K_pq / n - K_p K_q / n^2|, computed exactly by
+    enumerating the counts, ~n^3 / 6 terms (not 0: at n = 16 and p = q = 0.5 it is ~0.05). A
+    sampler's dependence is judged against this, never against 0."""
+    floors = [_pair_floor(float(p), float(q), n) for p, q in probabilities]
+    if not floors:
+        raise ValueError("pair_dependence_floor needs at least one pair")
     return float(np.mean(floors))
 
 
