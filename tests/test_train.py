@@ -1,4 +1,5 @@
 import json
+from pathlib import Path
 import shutil
 from dataclasses import replace
 
@@ -102,6 +103,19 @@ def test_a_bf16_autocast_step_trains_every_net_with_float32_losses_and_r1(tmp_pa
     with torch.autocast("cpu", dtype=torch.bfloat16):
         under_autocast, _ = _discriminator_loss(config, nets, image, real, fake, update=False)
     assert under_autocast.dtype == torch.float32 and torch.equal(plain, under_autocast)
+
+
+def test_without_l_adv_d_is_neither_run_nor_trained_and_g_still_is():
+    torch.manual_seed(0)
+    config = replace(_config(Path("unused"), 1), lambda_adv=0.0)
+    nets = _build(config, ArchitectureConfig.from_dict(TINY), torch.device("cpu"))
+    torch.nn.init.normal_(nets.refinement.head.weight)  # off the prior-skip start, where L_cal has no gradient
+    d_before, g_before = _weights(nets.discriminator), _weights(nets.refinement)
+    image, label = torch.randn(2, 3, 32, 32), torch.randint(9, (2, 32, 32))
+    log = _step(config, nets, image, label, train_g=True, d_accuracy=0.5)
+    assert set(log) == {"loss_f", "loss_cal"}
+    assert _same(d_before, _weights(nets.discriminator))
+    assert not _same(g_before, _weights(nets.refinement))
 
 
 @pytest.fixture(scope="module")

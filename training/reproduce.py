@@ -49,6 +49,7 @@ DESCRIPTIONS = {
 COLUMNS = (
     "ged_16", "ged_100", "ged_truth_16", "hm_iou_16", "diversity_16", "ece", "ece_samples",
     "calibration_error", "event_calibration_error", "event_calibration_floor", "coherence",
+    "pair_correlation", "pair_dependence", "pair_dependence_floor",
 )
 
 
