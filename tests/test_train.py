@@ -105,6 +105,18 @@ def test_a_bf16_autocast_step_trains_every_net_with_float32_losses_and_r1(tmp_pa
     assert under_autocast.dtype == torch.float32 and torch.equal(plain, under_autocast)
 
 
+def test_a_state_that_did_not_record_its_architecture_resumes_only_with_one_given(tmp_path):
+    out = tmp_path / "tiny"
+    train(_config(out, 2))
+    state_path = out / STATE_DIR / "state.json"
+    state = json.loads(state_path.read_text())
+    del state["architecture"]  # as train-states were written before they recorded it
+    state_path.write_text(json.dumps(state))
+    with pytest.raises(CheckpointError, match="cannot resume"):
+        train(replace(_config(out, 3), architecture=None))
+    train(_config(out, 3))  # built from the configured architecture, as that state was
+
+
 def test_without_l_adv_d_is_neither_run_nor_trained_and_g_still_is():
     torch.manual_seed(0)
     config = replace(_config(Path("unused"), 1), lambda_adv=0.0)

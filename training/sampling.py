@@ -139,9 +139,9 @@ def region_vectors(z: Tensor, counts: Sequence[int]) -> Tensor:
     for j, (row, count) in enumerate(zip(z.cpu(), counts, strict=True)):
         if count:
             table[j, 1] = row
-            generator = row_generator(row)
-            for r in range(2, count + 1):
-                table[j, r] = torch.randn(z.shape[1], generator=generator)
+        if count > 1:
+            # one draw per row: its size is the image's region count, the same wherever it is sampled
+            table[j, 2 : count + 1] = torch.randn(count - 1, z.shape[1], generator=row_generator(row))
     return table
 
 
@@ -273,8 +273,12 @@ def sample(
     rows = torch.repeat_interleave(torch.arange(len(ks), device=device), torch.tensor(list(ks), device=device))
     regions = _region_noise(refinement)
     if regions:
+        # found on the image's own pixels, not the padding, which could join two regions; a pixel
+        # within rounding of the threshold (p_F differs by ~1e-8 between batches, more between
+        # devices) could still add or drop a region, which happens too rarely to have been seen
         config = refinement.config
-        region_labels, counts = noise_field.doubt_regions(p_f, config.doubt_threshold, config.region_grow)
+        region_labels, counts = noise_field.doubt_regions(p_f[..., :h, :w], config.doubt_threshold, config.region_grow)
+        region_labels = nnf.pad(region_labels, (0, padded.shape[-1] - w, 0, padded.shape[-2] - h))
         z = region_vectors(z, [counts[i] for i in rows.tolist()])
     z = z.to(device)
     chunk = decode_batch

@@ -399,7 +399,13 @@ def _set_up(config: TrainConfig, device: torch.device) -> _Run:
         if progress.config.get("data") != config.data:
             raise CheckpointError(f"{state_dir}: was trained on {progress.config.get('data')!r}, not {config.data!r}")
         _check_resume_init(config, state_dir, progress)
-        # states written before the architecture was recorded were built from the config
+        if not progress.architecture and not config.architecture:
+            # such a state was built from the defaults of its day, and those changed (D's head, G's noise)
+            raise CheckpointError(
+                f"{state_dir}: written before train-states recorded their architecture, by a version whose default "
+                "D and G differ from today's; it cannot resume: train into a new --out"
+            )
+        # states written before the architecture was recorded were built from the config's
         arch = ArchitectureConfig.from_dict(progress.architecture) if progress.architecture else _architecture(config, train_set, None)
         given = ArchitectureConfig.from_dict(config.architecture) if config.architecture else None
         if given is not None and replace(given, discriminator=given.discriminator or arch.discriminator) != arch:
