@@ -24,7 +24,8 @@ class TrainConfig:
     # G at 1e-3: with the prior skip G starts at p_F, where only D's gradient moves it, and Adam
     # moves each weight by ~lr per step; on flips, 8 CPU minutes (~250 G steps) took diversity to
     # 0.27 and the event calibration error to 0.27 at 1e-3, against 0.04 and 0.35 (no event ever
-    # flipped) at 2e-4, and against 0.06 and 0.35 with L_adv weighted 4x less
+    # flipped) at 2e-4; 4 minutes in, 0.13 against 0.06 with L_adv weighted 4x less
+    # (docs/results/curves/probe_flips_*)
     lr_g: float = 1e-3
     # D at 5x G's lr, with no weight decay and R1 at 0.625 on the logit (the reference's gamma 10 on
     # the sigmoid, whose slope at chance is 1/4): with lr 1e-4, decay 5e-4 (the order of its BCE
