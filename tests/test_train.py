@@ -1,7 +1,7 @@
 import json
-from pathlib import Path
 import shutil
 from dataclasses import replace
+from pathlib import Path
 
 import numpy as np
 import pytest
