@@ -36,7 +36,7 @@ from training.config import TrainConfig
 from training.data import Dataset, open_dataset
 from training.evaluate import evaluate
 from training.manifest import CheckpointError, ModelEntry, Normalisation, read_entry, version_folders
-from training.networks import ArchitectureConfig, CalibrationNet, DiscriminatorConfig, RefinementNet, soft_one_hot
+from training.networks import ArchitectureConfig, CalibrationNet, RefinementNet, soft_one_hot
 from training.sampling import Networks, use_device
 
 STATE_DIR = "train-state"
@@ -366,7 +366,7 @@ def _architecture(config: TrainConfig, dataset: Dataset, init: LoadedModel | Non
         raise CheckpointError(f"--init {init.path}: bad architecture ({exc})") from exc
     if given is not None and (given.calibration, given.refinement) != (model.calibration, model.refinement):
         raise CheckpointError(f"--init {init.path}: its F and G differ from the configured architecture's")
-    disc = given.discriminator if given is not None and given.discriminator else DiscriminatorConfig(channels, len(classes))
+    disc = given.discriminator if given is not None and given.discriminator else ArchitectureConfig.default(channels, len(classes)).discriminator
     return ArchitectureConfig(model.calibration, model.refinement, disc)
 
 
