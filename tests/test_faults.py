@@ -195,6 +195,38 @@ def test_redis_restart_on_its_aof_loses_nothing(model_dir, tmp_path):
     assert (result.ok, result.failed, result.lost) == (30, 0, 0), result
 
 
+def test_worker_drains_on_sigterm(model_dir, redis_url, tmp_path):
+    """What Kubernetes does to a worker on a scale-in or a node drain: SIGTERM. The worker stops
+    reading, runs and acknowledges the jobs it holds, withdraws its heartbeat and exits 0, well
+    inside its pod's grace (deploy/kubernetes/base/worker.yaml); nothing is reclaimed from it, the
+    jobs it never took stay queued for the other worker, and every request is answered."""
+    client = redis.Redis.from_url(redis_url)
+    workers = start_workers(model_dir, redis_url, tmp_path)
+    try:
+        with EmbeddedServer(Settings(model_dir=model_dir, queue="redis", redis_url=redis_url)) as api:
+            wait_ready(api.url)
+            load = Load(api.url, 40, png(grey(128, 128)), k=8)
+            victim = holder(client)
+            process = next(w for w in workers if w.pid == int(victim.split("-")[-2]))
+            process.send_signal(signal.SIGTERM)
+            signalled = time.monotonic()
+            rc = process.wait(30)
+            exited_after_s = time.monotonic() - signalled
+            consumers = {c["name"].decode(): c for c in client.xinfo_consumers(KEYS.stream("tiny"), GROUP)}
+            left_for_the_other = client.xlen(KEYS.stream("tiny"))
+            heartbeat = client.zscore(KEYS.heartbeats("tiny"), victim)
+            result = tally(load.join(), k=8)
+    finally:
+        stop_all(workers)
+    reclaimed = int(client.hget(KEYS.stats, "redeliveries") or 0)
+    print(f"\nworker SIGTERM: exit {rc} after {exited_after_s:.2f} s, {left_for_the_other} jobs left in the stream; {result}")
+    assert rc == 0 and consumers[victim]["pending"] == 0 and heartbeat is None
+    assert exited_after_s < 10  # a batch, not the queue: the grace period (90 s) is never reached
+    assert left_for_the_other > 0, "the victim drained the whole queue instead of stopping reading"
+    assert reclaimed == 0, "the stopping worker left jobs to be reclaimed"
+    assert (result.ok, result.failed, result.lost) == (40, 0, 0), result
+
+
 def test_api_killed_leaves_nothing_behind(model_dir, redis_url, tmp_path):
     port = free_port()
     env = {**os.environ, "CARSEG_MODEL_DIR": str(model_dir), "CARSEG_REDIS_URL": redis_url, "CARSEG_RESULT_TTL_S": "3",
