@@ -26,6 +26,7 @@ def local_queue(settings: Settings, registry: ModelRegistry, metrics: Metrics, c
 
         pool = ModelPool(registry, use_device(settings.device))
         pool.load_latest(registry.names())
+        metrics.serve_models(registry.names())
         queue.attach(RunnerThread(build_runner(queue, pool, metrics, settings, idle_timeout_s=0.1)))
     return queue
 

@@ -43,6 +43,7 @@ class Worker:
     def run(self, burst: bool = False) -> collections.Counter[str]:
         """Serve until ``stop()``; with ``burst``, return once no job is waiting or pending."""
         self.pool.load_latest(self.models)
+        self.metrics.serve_models(self.models)
         self.heartbeat.start()
         try:
             self.runner.run(burst)

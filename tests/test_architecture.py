@@ -13,8 +13,8 @@ from tests.queue_backends import REPO, worker_process
 from tests.service_fixtures import b64, grey, png, write_tiny_model
 
 # the only doors from the service into the method: networks, their checkpoints (manifest: the
-# torch-free half) and the sampler
-SERVICE_MAY_IMPORT = {"training.networks", "training.checkpoint", "training.manifest", "training.sampling"}
+# torch-free half), the sampler and the names and band of its uncertainty summaries (torch-free)
+SERVICE_MAY_IMPORT = {"training.networks", "training.checkpoint", "training.manifest", "training.sampling", "training.uncertainty_summary"}
 # what an API replica in Redis mode runs: the HTTP layer, the transports, the job contract
 TORCH_FREE = ("service.api", "service.queue", "service.jobs", "service.registry", "service.segmentation", "service.codecs")
 

@@ -45,6 +45,30 @@ def test_encode_once_decode_per_sample_equals_forward():
     assert torch.allclose(manual, g(x, p, z), atol=1e-5)
 
 
+@pytest.mark.parametrize("noise", ["global", "regions"])
+def test_the_samplers_shared_decode_equals_decode(noise):
+    """Eval mode: the skip half of each up block's conv once per image, BatchNorm folded in, gives
+    decode's logits up to float rounding, for a chunk of one image (broadcast) or of several."""
+    torch.manual_seed(0)
+    g = RefinementNet(RefinementConfig(1, 2, widths=(8, 16, 16), noise_dim=4))
+    for module in g.modules():  # BatchNorm with statistics of its own, so folding it is tested
+        if isinstance(module, torch.nn.BatchNorm2d):
+            module.running_mean.uniform_(-1, 1)
+            module.running_var.uniform_(0.5, 2)
+            torch.nn.init.normal_(module.weight)
+    torch.nn.init.normal_(g.head.weight)
+    g.eval()
+    x, p = torch.randn(2, 1, 16, 16), torch.rand(2, 2, 16, 16).softmax(1)
+    feats = g.encode(x, p)
+    shared = g.share(feats)
+    rows = torch.tensor([0, 0, 1, 1, 1])
+    z = torch.randn(5, 4) if noise == "global" else torch.randn(5, 4, 16, 16)
+    expected = g.decode([f[rows] for f in feats], z)
+    torch.testing.assert_close(g.decode_shared(shared, lambda t: t[rows], z), expected, atol=1e-5, rtol=1e-5)
+    one = g.decode_shared(shared, lambda t: t[1:2], z[2:])  # one image's samples: its row broadcast
+    torch.testing.assert_close(one, expected[2:], atol=1e-5, rtol=1e-5)
+
+
 def test_prior_skip_starts_g_at_p_f():
     g = RefinementNet(RefinementConfig(1, 3, widths=(8, 16, 16))).eval()
     p = torch.rand(2, 3, 16, 16).softmax(1)

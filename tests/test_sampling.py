@@ -132,10 +132,11 @@ def test_chunked_variance_is_exact_where_the_textbook_formula_cancels():
     from training.sampling import _Stats
 
     p = 1 - 1e-4 * torch.rand(64, 1, 3, 3, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
-    probs = torch.cat([p, 1 - p], dim=1)  # (64, 2, 3, 3)
+    logits = torch.cat([p, 1 - p], dim=1).log().float()  # (64, 2, 3, 3); the stats take logits
+    probs = logits.double().softmax(dim=1)  # the soft samples those float32 logits stand for, exactly
     stats = _Stats({SAMPLE_VARIANCE, MEAN}, [64], 2, 3, 3, torch.device("cpu"))
     for start in range(0, 64, 5):
-        stats.add(start, probs[start : start + 5].float())
+        stats.add(start, logits[start : start + 5])
     reference = probs.var(dim=0, unbiased=False).sum(dim=0)
     assert torch.allclose(stats.m2[0].sum(0).double() / 64, reference, rtol=1e-3, atol=0)
     assert torch.allclose(stats.mean[0].double(), probs.mean(0), atol=1e-7)

@@ -13,7 +13,7 @@ from tests.service_fixtures import decode_png, grey, png
 from training.checkpoint import load_model, save_model
 from training.config import TrainConfig
 from training.manifest import CheckpointError, Normalisation
-from training.sampling import LABELS, MEAN, OUTPUTS, P_F, SAMPLE_VARIANCE, Networks, sample
+from training.sampling import LABELS, MEAN, OUTPUTS, P_F, SAMPLE_VARIANCE, SUMMARY, Networks, sample
 from training.ssn import SSNConfig, SSNMean, StochasticSegmentationNet, ssn_loss
 from training.train_ssn import train_ssn
 
@@ -92,8 +92,9 @@ def test_all_outputs_of_odd_sizes(nets):
     for o in out:
         assert set(o) == set(OUTPUTS)
         assert o[P_F].shape == o[MEAN].shape == (3, 21, 30)
-        for name in set(OUTPUTS) - {LABELS, P_F, MEAN}:
+        for name in set(OUTPUTS) - {LABELS, P_F, MEAN, SUMMARY}:
             assert o[name].shape == (21, 30)
+        assert o[SUMMARY].shape == (4,)
 
 
 def test_same_seed_same_samples_alone_in_a_batch_and_in_any_chunk(nets):

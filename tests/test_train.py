@@ -39,6 +39,9 @@ def test_a_few_steps_write_a_checkpoint_that_loads_and_samples(tmp_path):
     assert manifest["classes"][0] == "background" and manifest["in_channels"] == 3
     assert set(manifest["sha256"]) == {"calibration.safetensors", "refinement.safetensors"}
     assert "ged_3" in manifest["metrics"]["validation"]
+    # the validation set's uncertainty band, at the validation's k, for drift monitoring
+    band = manifest["uncertainty_reference"]
+    assert (band["k"], band["cases"]) == (3, 2) and set(band["quantiles"]) == {"aleatoric_entropy", "sample_diversity", "foreground_fraction"}
     history = [json.loads(line) for line in (out / STATE_DIR / "history.jsonl").read_text().splitlines()]
     assert history[-1]["step"] == 4
     result = evaluate(model.networks, open_dataset("synthetic:flips", "test", length=2), n_samples=3)

@@ -123,6 +123,9 @@ def _evaluate(args: argparse.Namespace) -> None:
         manifest = json.loads(manifest_path.read_text())
         key = f"{args.data}:{args.split}" if args.method == "model" else f"{args.data}:{args.split}:{args.method}"
         manifest.setdefault("metrics", {})[key] = report
+        if args.split == "val" and args.method == "model":
+            # the validation set's summaries are the band drift monitoring holds the served model to
+            manifest["uncertainty_reference"] = result.uncertainty
         manifest_path.write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
 
 

@@ -30,9 +30,9 @@ from typing import Any
 import numpy as np
 import torch
 
-from training import metrics
+from training import metrics, uncertainty_summary
 from training.data import Case, Dataset
-from training.sampling import LABELS, P_F, Networks, sample
+from training.sampling import LABELS, P_F, SUMMARY, Networks, sample
 
 
 @dataclass
@@ -41,9 +41,15 @@ class Evaluation:
     per_kind: dict[str, dict[str, float]] = field(default_factory=dict)
     # reliability diagrams by what they judge: "p_f" (F's probabilities), "samples" (the samples' shares)
     reliability: dict[str, metrics.Reliability] = field(default_factory=dict)
+    # the cases' uncertainty summaries' quantiles (training.uncertainty_summary.reference): on the
+    # validation set, the band that drift monitoring holds the served model to
+    uncertainty: dict[str, Any] = field(default_factory=dict)
 
     def to_json(self) -> dict[str, Any]:
-        return {**self.summary, "per_kind": self.per_kind, "reliability": {k: r.to_json() for k, r in self.reliability.items()}}
+        return {
+            **self.summary, "per_kind": self.per_kind, "reliability": {k: r.to_json() for k, r in self.reliability.items()},
+            "uncertainty": self.uncertainty,
+        }
 
 
 def sample_case(networks: Networks, case: Case, k: int, seed: int, outputs: tuple[str, ...] = (LABELS, P_F)) -> dict[str, torch.Tensor]:
@@ -130,9 +136,13 @@ def evaluate(
     rng = np.random.default_rng(seed)
     tally = _Tally()
     n = n_samples
+    summaries = []
     for index in range(len(dataset)):
         case = dataset[index]
-        out = sample_case(networks, case, n_large or n, seed + index)
+        out = sample_case(networks, case, n_large or n, seed + index, (LABELS, P_F, SUMMARY))
+        if n_large is not None:  # the summaries at n, as requests draw them (the mutual information grows with k)
+            out[SUMMARY] = sample_case(networks, case, n, seed + index, (SUMMARY,))[SUMMARY]
+        summaries.append(out[SUMMARY].cpu().numpy())
         drawn = out[LABELS].cpu().numpy()  # (n_large or n, H, W)
         samples = drawn[:n]
         tally.add(f"ged_{n}", metrics.ged(samples, case.labels, classes))
@@ -170,4 +180,4 @@ def evaluate(
         summary["pair_correlation_pairs"] = len(defined)
         if defined:  # else no pair has both events varying: a correlation says nothing
             summary["pair_correlation"] = float(np.mean(defined))
-    return Evaluation(summary, per_kind, reliability)
+    return Evaluation(summary, per_kind, reliability, uncertainty_summary.reference(np.stack(summaries), n))

@@ -11,6 +11,7 @@ Where we differ from the reference implementation, the docstring of the class sa
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -55,6 +56,23 @@ class _UpBlock(nn.Module):
 
     def forward(self, x: Tensor, skip: Tensor) -> Tensor:
         return self.fuse(torch.cat([self.up(x), skip], dim=1))
+
+    # Sampling (eval mode): conv(cat(up(x), skip)) = conv_up(up(x)) + conv_skip(skip), and the
+    # BatchNorm after it is affine, so it folds into both halves. The skip half is the same for every
+    # sample of an image: ``skip_part`` once per image, ``forward_with`` per sample.
+    def _folded(self) -> tuple[Tensor, Tensor, Tensor]:
+        conv, norm = self.fuse[0], self.fuse[1]
+        gain = norm.weight / torch.sqrt(norm.running_var + norm.eps)
+        weight = conv.weight * gain[:, None, None, None]
+        return weight[:, : self.up.out_channels], weight[:, self.up.out_channels :], norm.bias - norm.running_mean * gain
+
+    def skip_part(self, skip: Tensor) -> Tensor:
+        _, weight, bias = self._folded()
+        return nnf.conv2d(skip, weight, bias, padding=1)
+
+    def forward_with(self, x: Tensor, skip_part: Tensor) -> Tensor:
+        weight, _, _ = self._folded()
+        return nnf.leaky_relu(nnf.conv2d(self.up(x), weight, padding=1) + skip_part, self.fuse[2].negative_slope)
 
 
 def u_net(c_in: int, widths: tuple[int, ...]) -> tuple[_Encoder, nn.ModuleList]:
@@ -187,6 +205,22 @@ class RefinementNet(nn.Module):
             x = up(inject(x, z), skip)
         logits = self.head(self.dropout(self.inject_out(x, z)))
         return logits + log_prior if self.config.prior_skip else logits
+
+    def share(self, feats: list[Tensor]) -> list[Tensor]:
+        """Eval mode, for the sampler: ``encode``'s output -> what all samples of an image share,
+        computed once per image: [log p_F, the coarsest features, each up block's skip part]."""
+        log_prior, levels = feats[0], feats[1:]
+        return [log_prior, levels[-1], *(up.skip_part(skip) for up, skip in zip(self.ups, reversed(levels[:-1]), strict=True))]
+
+    def decode_shared(self, shared: list[Tensor], take: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
+        """``decode`` from ``share``'s output: ``take`` picks each sample's image's rows (a view of one
+        row when a chunk's samples are all of one image, which broadcasts instead of copying); the
+        same logits as ``decode`` up to float rounding (BatchNorm folded, the skip convolved apart)."""
+        log_prior, x, parts = shared[0], take(shared[1]), shared[2:]
+        for inject, up, part in zip(self.inject, self.ups, parts, strict=True):
+            x = up.forward_with(inject(x, z), take(part))
+        logits = self.head(self.inject_out(x, z))  # no dropout: eval mode
+        return logits + take(log_prior) if self.config.prior_skip else logits
 
     def forward(self, image: Tensor, p_f: Tensor, z: Tensor) -> Tensor:
         """k samples per image: z (B, k, noise_dim) or maps (B, k, noise_dim, H, W) -> logits

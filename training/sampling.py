@@ -14,6 +14,7 @@ bytes per image) plus a few (C, H, W) maps, whatever k is.
 from __future__ import annotations
 
 import hashlib
+import math
 from collections.abc import Callable, Collection, Sequence
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor
 
-from training import noise_field
+from training import noise_field, uncertainty_summary
 from training.manifest import Normalisation
 from training.networks import CalibrationNet, RefinementNet
 
@@ -36,7 +37,10 @@ ALEATORIC_ENTROPY = "aleatoric_entropy"  # (H, W): H(p_F)
 SAMPLE_ENTROPY = "sample_entropy"  # (H, W): H(mean)
 MUTUAL_INFORMATION = "mutual_information"  # (H, W): H(mean) - mean over samples of H(sample)
 SAMPLE_VARIANCE = "sample_variance"  # (H, W): sum over classes of the across-sample variance of the soft samples
-OUTPUTS = (LABELS, P_F, MEAN, ALEATORIC_ENTROPY, SAMPLE_ENTROPY, MUTUAL_INFORMATION, SAMPLE_VARIANCE)
+# (4,): the image's uncertainty summaries (training.uncertainty_summary.NAMES), what drift monitoring
+# observes; it needs the labels and the mutual information, computed for it if not asked for
+SUMMARY = "uncertainty_summary"
+OUTPUTS = (LABELS, P_F, MEAN, ALEATORIC_ENTROPY, SAMPLE_ENTROPY, MUTUAL_INFORMATION, SAMPLE_VARIANCE, SUMMARY)
 
 
 def use_device(name: str, threads: int | None = None) -> torch.device:
@@ -181,13 +185,17 @@ class _Stats:
         self.m2 = torch.zeros(b, num_classes, h, w, device=device) if SAMPLE_VARIANCE in outputs else None
         self.entropies = torch.zeros(b, h, w, device=device) if MUTUAL_INFORMATION in outputs else None
 
-    def add(self, start: int, probs: Tensor) -> None:
-        """``probs`` (n, C, H, W): the soft samples ``start .. start + n`` of the flat, image-major list."""
-        end = start + probs.shape[0]
+    def add(self, start: int, logits: Tensor) -> None:
+        """``logits`` (n, C, H, W): the samples ``start .. start + n`` of the flat, image-major list.
+        The labels come from the logits (softmax keeps their order; for two classes a comparison,
+        several times faster than argmax, with the same tie rule: class 0); the soft samples only
+        where a statistic needs them."""
+        end = start + logits.shape[0]
         if self.labels is not None:
-            self.labels[start:end] = probs.argmax(dim=1)
+            self.labels[start:end] = logits[:, 1] > logits[:, 0] if logits.shape[1] == 2 else logits.argmax(dim=1)
         if self.mean is None and self.entropies is None:
             return
+        probs = logits.softmax(dim=1)
         for image, (offset, k) in enumerate(zip(self.offsets, self.ks, strict=True)):
             lo, hi = max(start, offset), min(end, offset + k)
             if lo >= hi:
@@ -205,7 +213,31 @@ class _Stats:
             self.count[image] = seen + n
 
 
-def _summarise(stats: _Stats, p_f: Tensor, outputs: set[str]) -> list[dict[str, Tensor]]:
+def uncertainty_summaries(p_f: Tensor, labels: Tensor, mutual_information: Tensor) -> Tensor:
+    """One image's summaries (``training.uncertainty_summary``, which defines them): ``p_f``
+    (C, H, W), ``labels`` (k, H, W), ``mutual_information`` (H, W) -> (4,) float32 in the order of
+    ``NAMES``, NaN where k is too small, on their device and without a sync to the host."""
+    classes, k = p_f.shape[0], labels.shape[0]
+    region = ((1.0 - p_f[0]) >= uncertainty_summary.FOREGROUND_THRESHOLD).float()
+    pixels = region.sum()
+
+    def region_mean(values: Tensor) -> Tensor:  # 0 where the region is empty: nothing there, no doubt
+        return (values * region).sum() / pixels.clamp_min(1.0)
+
+    scale = math.log(classes)
+    nan = torch.full((), float("nan"), device=p_f.device)
+    aleatoric = region_mean(entropy(p_f, dim=0)) / scale
+    information = region_mean(mutual_information) / scale if k >= uncertainty_summary.MIN_K_MUTUAL_INFORMATION else nan
+    if k >= 2:
+        agree = sum((labels == c).float().mean(dim=0) ** 2 for c in range(classes))
+        diversity = region_mean(k / (k - 1) * (1.0 - agree))
+    else:
+        diversity = nan
+    return torch.stack([aleatoric, information, diversity, pixels / region.numel()]).float()
+
+
+def _summarise(stats: _Stats, p_f: Tensor, outputs: set[str], wanted: set[str]) -> list[dict[str, Tensor]]:
+    """Per image, the maps ``outputs`` holds (``wanted`` and what its summary needs), then only ``wanted``."""
     results = []
     for i, (offset, k) in enumerate(zip(stats.offsets, stats.ks, strict=True)):
         out: dict[str, Tensor] = {}
@@ -227,7 +259,9 @@ def _summarise(stats: _Stats, p_f: Tensor, outputs: set[str]) -> list[dict[str, 
                 out[MUTUAL_INFORMATION] = (sample_entropy - stats.entropies[i] / k).clamp_min(0.0)
             if stats.m2 is not None:
                 out[SAMPLE_VARIANCE] = (stats.m2[i] / k).sum(dim=0)  # the population variance, summed over classes
-        results.append(out)
+        if SUMMARY in wanted:
+            out[SUMMARY] = uncertainty_summaries(p_f[i], out[LABELS], out[MUTUAL_INFORMATION])
+        results.append({name: value for name, value in out.items() if name in wanted})
     return results
 
 
@@ -264,11 +298,14 @@ def sample(
     stride = max(calibration.config.stride, refinement.config.stride)
     padded, h, w = _pad_to(images, stride)
     device = padded.device
+    if device.type == "cpu":
+        padded = padded.contiguous(memory_format=torch.channels_last)  # NHWC, as load_model lays the nets out on a CPU
     autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
     with autocast:
         p_f = calibration(padded).float().softmax(dim=1)  # (B, C, Hp, Wp)
         feats = refinement.encode(padded, p_f)
-    stats = _Stats(wanted, ks, p_f.shape[1], h, w, device)
+    needed = wanted | ({LABELS, MUTUAL_INFORMATION} if SUMMARY in wanted else set())
+    stats = _Stats(needed, ks, p_f.shape[1], h, w, device)
     z = torch.cat([noise(seed, k, refinement.config.noise_dim) for seed, k in zip(seeds, ks, strict=True)])
     rows = torch.repeat_interleave(torch.arange(len(ks), device=device), torch.tensor(list(ks), device=device))
     regions = _region_noise(refinement)
@@ -284,12 +321,22 @@ def sample(
     chunk = decode_batch
     if memory_budget is not None:
         chunk = min(chunk, MemoryModel.of(networks).chunk(padded.shape[-2] * padded.shape[-1], ks, memory_budget))
+    # CAR's G in eval mode computes what an image's samples share once (training.networks.RefinementNet.share);
+    # what else sits in G's slot (the baselines, the SSN) decodes each sample's copy of the features
+    shared = refinement.share(feats) if isinstance(refinement, RefinementNet) and not refinement.training else None
+    image_of = [i for i, k in enumerate(ks) for _ in range(k)]
     for start in range(0, len(rows), chunk):
         if start and should_stop is not None and should_stop():
             raise Stopped(f"stopped after {start} of {len(rows)} samples")
         idx = rows[start : start + chunk]
+        first, last = image_of[start], image_of[min(start + chunk, len(rows)) - 1]
         noise_in = noise_field.field(region_labels[idx], z[start : start + chunk]) if regions else z[start : start + chunk]
         with autocast:
-            logits = refinement.decode([f[idx] for f in feats], noise_in)
-        stats.add(start, logits.float().softmax(dim=1)[..., :h, :w])
-    return _summarise(stats, p_f[..., :h, :w], wanted)
+            if shared is None:
+                logits = refinement.decode([f[idx] for f in feats], noise_in)
+            else:
+                # one image's samples broadcast its row instead of copying it per sample
+                take = (lambda t, i=first: t[i : i + 1]) if first == last else (lambda t, idx=idx: t[idx])
+                logits = refinement.decode_shared(shared, take, noise_in)
+        stats.add(start, logits.float()[..., :h, :w])
+    return _summarise(stats, p_f[..., :h, :w], needed, wanted)

@@ -293,7 +293,7 @@ def _load_state(folder: Path, nets: Nets, state: dict[str, Any]) -> None:
         _restore_optimizer(getattr(nets, name), load_verified(folder, f"{name}.safetensors", manifest), state["param_groups"][name])
 
 
-def _manifest(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
+def _manifest(run: _Run, metrics: dict[str, Any], uncertainty: dict[str, Any]) -> dict[str, Any]:
     config, dataset, nets, progress = run.config, run.train_set, run.nets, run.progress
     return {
         "name": config.out.name,
@@ -308,6 +308,8 @@ def _manifest(run: _Run, metrics: dict[str, Any]) -> dict[str, Any]:
         "normalisation": asdict(Normalisation()),
         "data": dataset.description,
         "metrics": {"validation": metrics},
+        # the validation set's uncertainty summaries: the band drift monitoring holds the live median to
+        "uncertainty_reference": uncertainty,
         "training": {
             "config": config.to_json(),
             "step": progress.step,
@@ -433,14 +435,15 @@ def _validate(run: _Run, log: dict[str, float]) -> None:
     nets, progress = run.nets, run.progress
     networks = Networks(nets.ema_f.module.eval(), nets.ema_g.module.eval(), Normalisation())
     n = run.config.val_samples
-    metrics = evaluate(networks, run.val_set, n_samples=n).summary
+    evaluation = evaluate(networks, run.val_set, n_samples=n)
+    metrics = evaluation.summary
     record = {"step": progress.step, "seconds": round(progress.elapsed, 1), **metrics, **log}
     with (run.state_dir / "history.jsonl").open("a") as fh:
         fh.write(json.dumps(record) + "\n")
     tqdm.write(f"step {progress.step} {progress.elapsed:.0f}s val " + " ".join(f"{k}={v:.4f}" for k, v in metrics.items() if isinstance(v, float)))
     if metrics[f"ged_{n}"] < progress.best_ged:
         progress.best_ged = metrics[f"ged_{n}"]
-        save_model(run.version_dir, networks.calibration, networks.refinement, _manifest(run, metrics))
+        save_model(run.version_dir, networks.calibration, networks.refinement, _manifest(run, metrics, evaluation.uncertainty))
 
 
 def _checkpoint(run: _Run, log: dict[str, float], validate: bool) -> None:

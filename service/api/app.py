@@ -101,6 +101,10 @@ def create_app(settings: Settings, open_queue: QueueFactory) -> FastAPI:
         await queue.start()
         app.state.registry, app.state.queue = registry, queue
         app.state.segmenter = Segmenter(settings, registry, queue)
+        for name in registry.names():  # the drift band of each model's latest version
+            reference = registry.get(name).manifest.get("uncertainty_reference")
+            if reference:
+                metrics.set_uncertainty_reference(name, reference)
         log.info("serving %s from %s with the %s queue", registry.names(), settings.model_dir, settings.queue)
         try:
             yield

@@ -16,7 +16,7 @@ from service.jobs import JobResult, Output
 from service.metrics import Metrics
 from service.queue.base import Delivery
 from service.runner.models import ModelPool
-from training.sampling import MemoryModel, Stopped, sample
+from training.sampling import SUMMARY, MemoryModel, Stopped, sample
 
 log = logging.getLogger(__name__)
 
@@ -103,7 +103,8 @@ class Executor:
         The call computes the union of the outputs asked for; each job gets its own."""
         jobs = [d.job for d in group]
         networks = self.models.get(jobs[0].model, jobs[0].version).networks
-        wanted = set().union(*(job.outputs for job in jobs))
+        # every image's uncertainty summary, whatever was asked for: drift monitoring observes it
+        wanted = set().union(*(job.outputs for job in jobs)) | {SUMMARY}
 
         def nobody_waits() -> bool:
             now = time.time()
@@ -114,4 +115,6 @@ class Executor:
             outputs=wanted, decode_batch=self.decode_batch, amp=networks.device.type == "cuda",
             memory_budget=self.memory_budget, should_stop=nobody_waits,
         )
+        for i, job in enumerate(jobs):
+            self.metrics.observe_uncertainty(job.model, out[i][SUMMARY].cpu().tolist())
         return [{name: out[i][name].cpu().numpy() for name in job.outputs} for i, job in enumerate(jobs)]
