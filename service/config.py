@@ -64,12 +64,18 @@ class Settings(BaseSettings):
     # a CPU, where a batch of 64 samples ran slower than the same samples one image at a time
     # (bench/serve.py); on a GPU raise it (docker-compose sets 256 for the GPU worker)
     batch_max_samples: int = Field(16, ge=1)
+    # The in-process queue's parallel runners, each with its own batches and sampler calls. On a CPU,
+    # torch releases the GIL inside its ops, and single-thread executors side by side beat one
+    # executor with every thread for small k (a k=1 decoder step is too small to split across
+    # cores): None gives one per CPU thread, each computing with one thread; on a GPU, one.
+    executors: int | None = Field(None, ge=1, description="in-process runners (default: one per CPU thread; one on a GPU)")
     batch_max_delay_ms: float = Field(2.0, ge=0)
     max_queued_jobs: int = Field(512, ge=1)
     decode_batch: int = Field(64, ge=1)
-    # the peak memory of one sampler call (on the device that runs it): G decodes as many samples
-    # at once as fit. 1536 MiB serves 1024 x 1024 at k = 64 in a 2 GB worker (torch and the models
-    # take about 270 MB more); a GPU worker can afford more, and decodes faster in larger chunks
+    # the peak memory of a process's sampler calls (on the device that runs them): G decodes as many
+    # samples at once as fit; parallel executors share it. 1536 MiB serves 1024 x 1024 at k = 64 in
+    # a 2 GB worker (torch and the models take about 270 MB more); a GPU worker can afford more, and
+    # decodes faster in larger chunks
     sampler_memory_mb: int = Field(1536, ge=64)
 
     # Redis Streams queue (--queue redis) and its workers

@@ -1,8 +1,10 @@
 """``carseg serve``: the HTTP process, the app assembled with its queue. With ``--queue redis`` the
 API only queues jobs and reads manifests (workers run the networks), so this process never imports
-torch; with the in-process queue a runner thread here loads the models and runs them."""
+torch; with the in-process queue runner threads here load the models and run them."""
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import FastAPI
 
@@ -13,6 +15,7 @@ from service.queue.base import JobQueue
 from service.queue.local import LocalQueue
 from service.registry import ModelRegistry
 
+log = logging.getLogger(__name__)
 
 def local_queue(settings: Settings, registry: ModelRegistry, metrics: Metrics, consumer: bool = True) -> LocalQueue:
     """The in-process queue with its runner thread (started with the queue), the registry's models
@@ -20,15 +23,32 @@ def local_queue(settings: Settings, registry: ModelRegistry, metrics: Metrics, c
     queue = LocalQueue(metrics, settings.max_queued_jobs)
     if consumer:
         # imported here: only the in-process queue runs networks in this process
-        from service.runner.loop import RunnerThread, build_runner
+        import torch
+
+        from service.runner.loop import RunnerPool, build_runner
         from service.runner.models import ModelPool
         from training.sampling import use_device
 
-        pool = ModelPool(registry, use_device(settings.device))
+        device = use_device(settings.device)
+        pool = ModelPool(registry, device)
         pool.load_latest(registry.names())
         metrics.serve_models(registry.names())
-        queue.attach(RunnerThread(build_runner(queue, pool, metrics, settings, idle_timeout_s=0.1)))
+        executors = executor_count(settings.executors, device.type, torch.get_num_threads())
+        if device.type == "cpu":
+            # the threads this process computes with, shared out: one pool of N threads under each
+            # of N executors would oversubscribe the cores N times
+            torch.set_num_threads(max(1, torch.get_num_threads() // executors))
+        log.info("in-process runner: %d executor(s) on %s, %d torch thread(s) each", executors, device, torch.get_num_threads())
+        queue.attach(RunnerPool([build_runner(queue, pool, metrics, settings, idle_timeout_s=0.1, of=executors) for _ in range(executors)]))
     return queue
+
+
+def executor_count(configured: int | None, device_type: str, threads: int) -> int:
+    """``configured``, else one per CPU thread on a CPU and one on an accelerator (whose kernels
+    already fill it; a second executor there would only contend for its memory)."""
+    if configured is not None:
+        return configured
+    return max(1, threads) if device_type == "cpu" else 1
 
 
 def open_queue(settings: Settings, registry: ModelRegistry, metrics: Metrics) -> JobQueue:

@@ -1,5 +1,5 @@
-"""The in-process transport: a thread-safe queue between the event loop and one consumer thread
-(the runner). The event loop never runs the networks; it waits on futures the consumer resolves."""
+"""The in-process transport: a thread-safe queue between the event loop and the consumer's runner
+threads. The event loop never runs the networks; it waits on futures the runners resolve."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from service.metrics import Metrics
 
 
 class Consumer(Protocol):
-    """What takes jobs from this queue in the background (``service.runner.loop.RunnerThread``)."""
+    """What takes jobs from this queue in the background (``service.runner.loop.RunnerPool``)."""
 
     def start(self) -> None: ...
     def stop(self) -> None: ...

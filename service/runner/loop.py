@@ -59,13 +59,13 @@ class Runner:
 class RunnerThread:
     """A runner in a daemon thread (the in-process queue's consumer)."""
 
-    def __init__(self, runner: Runner) -> None:
-        self.runner = runner
+    def __init__(self, runner: Runner, name: str = "carseg-runner") -> None:
+        self.runner, self.name = runner, name
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:
         self.runner.stopping.clear()
-        self._thread = threading.Thread(target=self.runner.run, name="carseg-runner", daemon=True)
+        self._thread = threading.Thread(target=self.runner.run, name=self.name, daemon=True)
         self._thread.start()
 
     def stop(self) -> None:
@@ -78,8 +78,31 @@ class RunnerThread:
         return self._thread is not None and self._thread.is_alive()
 
 
-def build_runner(source: JobSource, models: ModelPool, metrics: Metrics, settings: Settings, idle_timeout_s: float) -> Runner:
-    """The one runner both transports use, with the batch budget and delay of ``settings``."""
+class RunnerPool:
+    """Runners side by side in daemon threads over one source (the in-process queue's consumer):
+    each takes its own batches, so one runs a sampler call while another collects the next."""
+
+    def __init__(self, runners: list[Runner]) -> None:
+        self.threads = [RunnerThread(runner, f"carseg-runner-{i}") for i, runner in enumerate(runners)]
+
+    def start(self) -> None:
+        for thread in self.threads:
+            thread.start()
+
+    def stop(self) -> None:
+        for thread in self.threads:
+            thread.runner.stop()  # all told first, so they finish their batches together
+        for thread in self.threads:
+            thread.stop()
+
+    def is_alive(self) -> bool:
+        return all(thread.is_alive() for thread in self.threads)
+
+
+def build_runner(source: JobSource, models: ModelPool, metrics: Metrics, settings: Settings, idle_timeout_s: float, of: int = 1) -> Runner:
+    """The one runner both transports use, with the batch budget and delay of ``settings``; one
+    ``of`` runners side by side in a process, each with that share of the sampler's memory budget,
+    so that the process keeps to the budget whatever they run at once."""
     collector = BatchCollector(source, settings.batch_max_samples, settings.batch_max_delay_ms / 1000, typical_k=settings.default_k)
-    executor = Executor(models, metrics, settings.decode_batch, settings.sampler_memory_mb * 2**20)
+    executor = Executor(models, metrics, settings.decode_batch, settings.sampler_memory_mb * 2**20 // of)
     return Runner(collector, executor, idle_timeout_s)
