@@ -26,7 +26,7 @@ from tests.service_fixtures import png, write_tiny_model
 from training import uncertainty_summary
 from training.checkpoint import load_model
 from training.data import open_dataset
-from training.sampling import LABELS, MUTUAL_INFORMATION, P_F, SUMMARY, sample, uncertainty_summaries
+from training.sampling import LABELS, MUTUAL_INFORMATION, P_F, SUMMARY, foreground, sample, uncertainty_summaries
 
 REPO = Path(__file__).resolve().parents[1]
 PROMETHEUS = REPO / "docker" / "prometheus"
@@ -34,7 +34,7 @@ RULE = "CarsegUncertaintyDrift"
 
 
 def summaries(p_f: torch.Tensor, labels: torch.Tensor, information: float) -> dict[str, float]:
-    out = uncertainty_summaries(p_f, labels, torch.full(p_f.shape[1:], information))
+    out = uncertainty_summaries(p_f, labels, torch.tensor(information))
     return dict(zip(uncertainty_summary.NAMES, out.tolist(), strict=True))
 
 
@@ -81,8 +81,12 @@ def test_the_samplers_summary_is_the_same_alone_in_a_batch_and_whatever_was_aske
     assert set(alone) == {SUMMARY}  # the maps it needed are not returned
     batched = sample(tiny, tiny.prepare(images), [8, 3], [5, 6], (SUMMARY, LABELS, P_F, MUTUAL_INFORMATION))
     torch.testing.assert_close(alone[SUMMARY], batched[0][SUMMARY], atol=1e-5, rtol=0)
+    # the summary's mutual information, from the foreground's soft samples alone, is the foreground's
+    # mean of the full map (computed from all the soft samples)
     maps = batched[0]
-    torch.testing.assert_close(maps[SUMMARY], uncertainty_summaries(maps[P_F], maps[LABELS], maps[MUTUAL_INFORMATION]))
+    region = foreground(maps[P_F])
+    torch.testing.assert_close(maps[SUMMARY], uncertainty_summaries(maps[P_F], maps[LABELS], maps[MUTUAL_INFORMATION][region].mean()),
+                               atol=1e-5, rtol=1e-5)
     assert math.isnan(batched[1][SUMMARY][1])  # k = 3: no mutual information
 
 
