@@ -4,7 +4,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: run test lint install
+.PHONY: run test lint install bench-peer
 
 TOOLS := $(VENV)/tools
 
@@ -31,3 +31,14 @@ lint: $(STAMP)
 test: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/python -m pytest -q
+
+# bench/peer.py: carseg against Ray Serve side by side. Ray and its dependencies live in a venv of
+# their own (the optional extra `bench`), never in the one `make run` and `make test` use
+BENCH_VENV := .venv-bench
+$(BENCH_VENV)/.installed: pyproject.toml constraints.txt
+	test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/pip install --quiet -c constraints.txt -e '.[bench]'
+	touch $@
+
+bench-peer: $(BENCH_VENV)/.installed
+	OMP_WAIT_POLICY=PASSIVE $(BENCH_VENV)/bin/python bench/peer.py
