@@ -87,28 +87,12 @@ def ray_app(port: int, model_dir: str, model: str, budget: int, replicas: int) -
     signal.sigwait({signal.SIGTERM, signal.SIGINT})
 
 
-def tree(pid: int) -> list[int]:
-    """``pid`` and every process descended from it."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
-    out, todo = [], [pid]
-    while todo:
-        p = todo.pop()
-        out.append(p)
-        todo += children.get(p, [])
-    return out
-
-
 def pss_mib(pid: int) -> tuple[float, int]:
     """PSS of a process tree in MiB (shared pages split among the sharers), and its process count."""
+    from bench.procs import process_trees
+
     total, count = 0, 0
-    for p in tree(pid):
+    for p in process_trees([pid])[0]:
         try:
             for line in Path(f"/proc/{p}/smaps_rollup").read_text().splitlines():
                 if line.startswith("Pss:"):

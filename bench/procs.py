@@ -66,6 +66,27 @@ def proc_status(pid: int) -> dict[str, int]:
     return out
 
 
+def process_trees(pids: list[int]) -> list[list[int]]:
+    """Each of ``pids`` with every process descended from it (one pass over /proc)."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if entry.name.isdigit():
+            try:
+                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
+            except (OSError, IndexError, ValueError):
+                continue
+            children.setdefault(ppid, []).append(int(entry.name))
+    trees = []
+    for pid in pids:
+        tree, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            tree.append(p)
+            todo += children.get(p, [])
+        trees.append(tree)
+    return trees
+
+
 def redis_server(port: int) -> subprocess.Popen:
     """A redis-server without persistence on ``port``, answering PING when this returns."""
     proc = subprocess.Popen(["redis-server", "--port", str(port), "--save", "", "--appendonly", "no"],

@@ -55,7 +55,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from bench.footprint import crop_png
-from bench.procs import carseg, free_port, redis_server, service_arguments, stop
+from bench.procs import carseg, free_port, process_trees, redis_server, service_arguments, stop
 from bench.serve import closed_loop, percentile, wait_ready
 from service.config import Settings
 from service.queue.redis_protocol import Keys
@@ -141,20 +141,10 @@ def wait_workers(redis_port: int, model: str, workers: int, named: dict[str, sub
 
 def tree_rss(pids: list[int]) -> list[int]:
     """VmRSS of each of ``pids`` together with all its descendants, in bytes (one pass over /proc)."""
-    children: dict[int, list[int]] = {}
-    for entry in Path("/proc").iterdir():
-        if entry.name.isdigit():
-            try:
-                ppid = int((entry / "stat").read_text().rsplit(")", 1)[1].split()[1])
-            except (OSError, IndexError, ValueError):
-                continue
-            children.setdefault(ppid, []).append(int(entry.name))
     totals = []
-    for pid in pids:
-        total, todo = 0, [pid]
-        while todo:
-            p = todo.pop()
-            todo += children.get(p, [])
+    for tree in process_trees(pids):
+        total = 0
+        for p in tree:
             try:
                 for line in Path(f"/proc/{p}/status").read_text().splitlines():
                     if line.startswith("VmRSS:"):
