@@ -7,7 +7,6 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import threading
-import time
 from collections.abc import Callable
 
 from service.config import Settings
@@ -23,10 +22,11 @@ def _malloc_trim() -> Callable[[], None]:
     """glibc's malloc_trim(0), or nothing where libc is not glibc. After a batch, the allocator
     keeps the freed activations resident, so a worker's RSS rose with the largest batch it had seen
     (a soak: one worker's floor went 507 -> 639 MB over five minutes while the other stayed flat);
-    trimming returns them. A runner trims when it goes idle, and the process at most every
-    ``TRIM_EVERY_S``, not after every batch: the next batch faults the pages back in (k=16 at
-    128 x 128 on one thread: 160-172 ms trimming after every batch, 122-128 ms without), and with
-    several executors one idles while another computes."""
+    trimming returns them. A runner trims when it has gone idle and no other runner of the process
+    is computing, not after every batch: the next batch faults the pages back in (k=16 at 128 x 128
+    on one thread: 160-172 ms trimming after every batch, 122-128 ms without), and in the in-process
+    pool one executor idles while another computes. Trimming at most every 5 s instead let a
+    worker's RSS floor wander by +-90 MiB between 20 s windows of a soak."""
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         trim = libc.malloc_trim
@@ -36,17 +36,28 @@ def _malloc_trim() -> Callable[[], None]:
 
 
 release_free_memory = _malloc_trim()
-TRIM_EVERY_S = 5.0
-_last_trim = [0.0]  # the process's last trim (time.monotonic()), shared by its runners
 
 
-def _trim_if_due() -> bool:
-    now = time.monotonic()
-    if now - _last_trim[0] < TRIM_EVERY_S:
-        return False
-    _last_trim[0] = now
-    release_free_memory()
-    return True
+class _Busy:
+    """How many runners of this process are executing a batch."""
+
+    def __init__(self) -> None:
+        self._lock, self._count = threading.Lock(), 0
+
+    def __enter__(self) -> None:
+        with self._lock:
+            self._count += 1
+
+    def __exit__(self, *_: object) -> None:
+        with self._lock:
+            self._count -= 1
+
+    def none(self) -> bool:
+        with self._lock:
+            return self._count == 0
+
+
+_busy = _Busy()
 
 
 class Runner:
@@ -62,10 +73,12 @@ class Runner:
         while not self.stopping.is_set():
             batch = self.collector.next_batch(self.idle_timeout_s)
             if batch:
-                self.executor.execute(batch)
+                with _busy:
+                    self.executor.execute(batch)
                 dirty = True
             else:
-                if dirty and _trim_if_due():  # idle for idle_timeout_s: hand the batches' memory back
+                if dirty and _busy.none():  # the whole process idle: hand the batches' memory back
+                    release_free_memory()
                     dirty = False
                 if burst:
                     break
