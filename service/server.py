@@ -25,7 +25,7 @@ def local_queue(settings: Settings, registry: ModelRegistry, metrics: Metrics, c
         # imported here: only the in-process queue runs networks in this process
         import torch
 
-        from service.runner.loop import RunnerPool, build_runner
+        from service.runner.loop import RunnerPool, ThreadShare, build_runner
         from service.runner.models import ModelPool
         from training.sampling import use_device
 
@@ -33,13 +33,17 @@ def local_queue(settings: Settings, registry: ModelRegistry, metrics: Metrics, c
         pool = ModelPool(registry, device)
         pool.load_latest(registry.names())
         metrics.serve_models(registry.names())
-        executors = executor_count(settings.executors, device.type, torch.get_num_threads())
-        if device.type == "cpu":
+        total = torch.get_num_threads()
+        executors = executor_count(settings.executors, device.type, total)
+        share = None
+        if device.type == "cpu" and executors > 1:
             # the threads this process computes with, shared out: one pool of N threads under each
             # of N executors would oversubscribe the cores N times
-            torch.set_num_threads(max(1, torch.get_num_threads() // executors))
-        log.info("in-process runner: %d executor(s) on %s, %d torch thread(s) each", executors, device, torch.get_num_threads())
-        queue.attach(RunnerPool([build_runner(queue, pool, metrics, settings, idle_timeout_s=0.1, of=executors) for _ in range(executors)]))
+            share = ThreadShare(total, executors)
+            torch.set_num_threads(share.narrow)
+        threads = torch.get_num_threads()
+        log.info("in-process runner: %d executor(s) on %s, %d torch thread(s) each (all %d for a lone batch)", executors, device, threads, total)
+        queue.attach(RunnerPool([build_runner(queue, pool, metrics, settings, idle_timeout_s=0.1, of=executors, threads=share) for _ in range(executors)]))
     return queue
 
 

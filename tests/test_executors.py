@@ -16,6 +16,7 @@ from service.jobs import Output
 from service.metrics import Metrics
 from service.registry import ModelRegistry
 from service.runner.executor import Executor
+from service.runner.loop import WIDE_MIN_SAMPLES, ThreadShare
 from service.server import executor_count, local_queue
 from tests.queue_backends import make_job
 
@@ -68,3 +69,38 @@ def test_executors_side_by_side_give_the_masks_one_gives(model_dir, restore_thre
     assert len(seen) == 2, f"one runner thread ran every batch: {seen}"
     for a, b in zip(one, two, strict=True):
         np.testing.assert_array_equal(a, b)
+
+
+@pytest.mark.parametrize(("samples", "busy", "expected"), [(16, 1, 2), (4, 1, 2), (3, 1, 1), (16, 2, 1), (1, 1, 1), (64, 0, 2)])
+def test_a_lone_batch_of_several_samples_takes_every_thread(samples, busy, expected):
+    assert ThreadShare(total=2, executors=2).choose(samples, busy) == expected
+    assert ThreadShare(total=3, executors=2).narrow == 1  # never more threads than the cores
+
+
+def test_runner_threads_widen_for_a_lone_batch_and_narrow_back(model_dir, restore_threads):
+    """One job at a time through two executors: each batch is alone, so k >= WIDE_MIN_SAMPLES runs on
+    both threads and k=1 on one; the process's other threads keep their share."""
+    torch.set_num_threads(2)
+    ran: list[tuple[int, int]] = []
+    execute = Executor.execute
+
+    def recording(self, batch):
+        ran.append((sum(d.job.k for d in batch), torch.get_num_threads()))
+        return execute(self, batch)
+
+    async def one_at_a_time() -> None:
+        queue = local_queue(Settings(model_dir=model_dir, device="cpu", executors=2), ModelRegistry(model_dir), Metrics())
+        await queue.start()
+        try:
+            for i, k in enumerate([WIDE_MIN_SAMPLES, 1, 8, 1, 1, WIDE_MIN_SAMPLES]):
+                await queue.submit(make_job(k=k, seed=i, image_seed=i, side=24))
+        finally:
+            await queue.stop()
+
+    Executor.execute = recording
+    try:
+        asyncio.run(one_at_a_time())
+    finally:
+        Executor.execute = execute
+    assert ran == [(WIDE_MIN_SAMPLES, 2), (1, 1), (8, 2), (1, 1), (1, 1), (WIDE_MIN_SAMPLES, 2)]
+    assert torch.get_num_threads() == 1
