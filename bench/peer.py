@@ -2,12 +2,13 @@
 code behind Ray Serve, driven by the same closed-loop client.
 
     make bench-peer          (builds .venv-bench with the optional extra `bench`, which pins ray)
-    .venv-bench/bin/python bench/peer.py [--seconds 6] [--concurrency 1,4,16,64] [--ks 1,16] [--json bench/results/peer-cpu.json]
+    .venv-bench/bin/python bench/peer.py [--seconds 6] [--rounds 3] [--concurrency 1,4,16,64] [--ks 1,16] [--json bench/results/peer-cpu.json]
 
 Both servers run the model on the CPU with the same structure and knobs:
 
 - carseg: ``carseg serve`` (the in-process queue; by default one single-thread executor per CPU
-  thread), batch budget ``--budget`` samples, closing after 2 ms;
+  thread, which takes every thread for a batch of 4 samples or more while the others idle), batch
+  budget ``--budget`` samples, closing after 2 ms;
 - Ray Serve: one deployment with as many replicas, each with one torch thread, ``@serve.batch``
   with the same sample budget (``batch_size_fn`` counts each request's k, so a batch holds at most
   ``--budget`` samples) and the same 2 ms wait; each request decodes the PNG, runs
@@ -17,8 +18,10 @@ Both servers run the model on the CPU with the same structure and knobs:
 For each k and concurrency: throughput, p50/p95/p99; per server: start-up to the first answered
 request, and memory as PSS summed over every process of the server (Ray's GCS, raylet, proxy,
 controller and replicas; carseg's one process), read while it is loaded. The raw sampler's ceiling
-(bench/serve.py: the best of one call at a time, batched, and single-thread executors side by side)
-is measured in the same run. Masks for the same image, seed and k must be identical between the two.
+is measured in the same run, twice: at each concurrency (bench/serve.py ``ceiling_at``: the best the
+sampler reaches with as many images in flight as the clients keep, which is all a closed loop of
+that concurrency can ask of a server), and its best at any load (``raw_sampler``: one call at a time,
+batched, single-thread executors side by side). Masks for the same image, seed and k must be identical between the two.
 """
 
 from __future__ import annotations
@@ -168,6 +171,7 @@ def main() -> None:
     parser.add_argument("--concurrency", default="1,4,16,64")
     parser.add_argument("--seconds", type=float, default=6.0, help="per measured cell")
     parser.add_argument("--budget", type=int, default=16, help="batch budget in samples, both servers and the ceiling")
+    parser.add_argument("--rounds", type=int, default=3, help="rounds of ceilings and both servers; figures are their medians")
     parser.add_argument("--json", default=str(REPO / "bench" / "results" / "peer-cpu.json"))
     parser.add_argument("--ray-serve", type=int, metavar="PORT", help=argparse.SUPPRESS)
     parser.add_argument("--replicas", type=int, default=1, help=argparse.SUPPRESS)
@@ -181,7 +185,7 @@ def main() -> None:
     from PIL import Image
 
     from bench.procs import free_port
-    from bench.serve import closed_loop, raw_sampler
+    from bench.serve import ceiling_at, closed_loop, raw_sampler
     from carseg.threads import available_cores
     from training.data import open_dataset
 
@@ -193,47 +197,74 @@ def main() -> None:
     Image.fromarray(case.image[:, :, 0]).save(buf, format="PNG")
     data = buf.getvalue()
 
-    ceiling = raw_sampler(Path(args.model_dir) / args.model, case.image, ks, args.budget, args.seconds, "cpu", executors=executors)
-    servers: dict[str, dict] = {}
+    model_path = Path(args.model_dir) / args.model
+    rounds: list[dict] = []
     masks: dict[str, dict] = {}
-    for kind in ("carseg", "ray"):
-        port = free_port()
-        url = f"http://127.0.0.1:{port}/v1/models/{args.model}/samples"
-        started = time.monotonic()
-        proc = start_server(kind, port, args, executors)
-        try:
-            startup = wait_answering(url, data, proc, started)
-            asyncio.run(closed_loop(url, data, [1], 2, 2.0))  # warm-up
-            cells, peak = {}, (0.0, 0)
-            for k in ks:
-                for c in levels:
-                    cells[f"{k}/{c}"] = asyncio.run(closed_loop(url, data, [k], c, args.seconds))
-                    peak = max(peak, pss_mib(proc.pid))  # read right after the load, before it is freed
-            masks[kind] = {f"{k}/{seed}": masks_of(url, data, k, seed) for k in ks for seed in (0, 7)}
-            servers[kind] = {"startup_s": startup, "pss_mib": peak[0], "processes": peak[1], "cells": cells}
-        finally:
-            stop_server(proc)
+    for r in range(args.rounds):
+        # this machine's speed drifts over minutes: each round measures the ceilings and both servers,
+        # in turn (the order alternating), and every figure below is the median over the rounds
+        found = {"ceiling": raw_sampler(model_path, case.image, ks, args.budget, args.seconds, "cpu", executors=executors),
+                 "ceiling_at": {f"{k}/{c}": ceiling_at(model_path, case.image, k, c, args.budget, args.seconds / 2, executors) for k in ks for c in levels}}
+        for kind in ("carseg", "ray")[:: 1 if r % 2 == 0 else -1]:
+            port = free_port()
+            url = f"http://127.0.0.1:{port}/v1/models/{args.model}/samples"
+            started = time.monotonic()
+            proc = start_server(kind, port, args, executors)
+            try:
+                startup = wait_answering(url, data, proc, started)
+                asyncio.run(closed_loop(url, data, [1], 2, 2.0))  # warm-up
+                cells, peak = {}, (0.0, 0)
+                for k in ks:
+                    for c in levels:
+                        cells[f"{k}/{c}"] = asyncio.run(closed_loop(url, data, [k], c, args.seconds))
+                        peak = max(peak, pss_mib(proc.pid))  # read right after the load, before it is freed
+                if r == 0:
+                    masks[kind] = {f"{k}/{seed}": masks_of(url, data, k, seed) for k in ks for seed in (0, 7)}
+                found[kind] = {"startup_s": startup, "pss_mib": peak[0], "processes": peak[1], "cells": cells}
+            finally:
+                stop_server(proc)
+        rounds.append(found)
+        print(f"round {r + 1}/{args.rounds} done", flush=True)
 
+    def median(get) -> float:
+        return float(np.median([get(found) for found in rounds]))
+
+    ceiling = {k: {"ceiling_images_per_s": median(lambda f, k=k: f["ceiling"][k]["ceiling_images_per_s"])} for k in ks}
+    at = {cell: {"images_per_s": median(lambda f, cell=cell: f["ceiling_at"][cell]["images_per_s"]),
+                 "by": [f["ceiling_at"][cell]["by"] for f in rounds]} for cell in rounds[0]["ceiling_at"]}
+    servers = {
+        kind: {"startup_s": median(lambda f, kind=kind: f[kind]["startup_s"]),
+               "pss_mib": max(f[kind]["pss_mib"] for f in rounds), "processes": max(f[kind]["processes"] for f in rounds),
+               "cells": {cell: {stat: median(lambda f, kind=kind, cell=cell, stat=stat: f[kind]["cells"][cell][stat])
+                                for stat in ("images_per_s", "p50_ms", "p95_ms", "p99_ms", "client_cores")}
+                                | {"errors": sum(f[kind]["cells"][cell]["errors"] for f in rounds)} for cell in rounds[0][kind]["cells"]}}
+        for kind in ("carseg", "ray")
+    }
     identical = all(np.array_equal(a, b) for key in masks["carseg"] for a, b in zip(masks["carseg"][key], masks["ray"][key], strict=True))
     print(f"\ncarseg vs Ray Serve: {args.model} on the CPU ({os.cpu_count()} cpus, {executors} executors/replicas of 1 thread), "
-          f"128x128 LIDC crop, budget {args.budget} samples, {args.seconds:.0f} s per cell")
+          f"128x128 LIDC crop, budget {args.budget} samples, {args.seconds:.0f} s per cell, medians of {args.rounds} rounds")
     print(f"{'k':>3} {'conc':>5} | {'carseg img/s':>12} {'p50':>6} {'p95':>6} {'p99':>6} | {'ray img/s':>9} {'p50':>6} {'p95':>6} {'p99':>6} |"
-          f" {'ratio':>5} {'carseg/ceiling':>14}")
+          f" {'ratio':>5} {'ceiling':>7} {'carseg/ceil':>11} {'carseg/best':>11} {'client cores':>12}")
     ratios = {}
     for k in ks:
         for c in levels:
             a, b = servers["carseg"]["cells"][f"{k}/{c}"], servers["ray"]["cells"][f"{k}/{c}"]
             ratio = a["images_per_s"] / b["images_per_s"] if b["images_per_s"] else float("inf")
-            share = a["images_per_s"] / ceiling[k]["ceiling_images_per_s"]
-            ratios[f"{k}/{c}"] = {"throughput": ratio, "p99": a["p99_ms"] / b["p99_ms"] if b["p99_ms"] else float("nan"), "of_ceiling": share}
+            here = at[f"{k}/{c}"]["images_per_s"]
+            share, of_best = a["images_per_s"] / here, a["images_per_s"] / ceiling[k]["ceiling_images_per_s"]
+            ratios[f"{k}/{c}"] = {"throughput": ratio, "p99": a["p99_ms"] / b["p99_ms"] if b["p99_ms"] else float("nan"),
+                                  "of_ceiling": share, "of_best_ceiling": of_best, "ray_of_ceiling": b["images_per_s"] / here}
             print(f"{k:>3} {c:>5} | {a['images_per_s']:>12.2f} {a['p50_ms']:>6.0f} {a['p95_ms']:>6.0f} {a['p99_ms']:>6.0f} |"
-                  f" {b['images_per_s']:>9.2f} {b['p50_ms']:>6.0f} {b['p95_ms']:>6.0f} {b['p99_ms']:>6.0f} | {ratio:>5.2f} {share:>14.2f}")
-        print(f"    sampler ceiling k={k}: {ceiling[k]['ceiling_images_per_s']:.2f} img/s")
+                  f" {b['images_per_s']:>9.2f} {b['p50_ms']:>6.0f} {b['p95_ms']:>6.0f} {b['p99_ms']:>6.0f} |"
+                  f" {ratio:>5.2f} {here:>7.2f} {share:>11.2f} {of_best:>11.2f} {a['client_cores']:>12.2f}")
+        print(f"    the sampler's best k={k} (any load): {ceiling[k]['ceiling_images_per_s']:.2f} img/s")
+    print("ceiling: the raw sampler's best with as many images in flight as the clients keep (bench/serve.py ceiling_at); best: its best at any load;\n"
+          "client cores: what the client took of the same cores while it drove carseg (the ceiling had them all)")
     for kind, s in servers.items():
         print(f"{kind:>7}: start-up to the first answer {s['startup_s']:.1f} s; PSS {s['pss_mib']:.0f} MiB in {s['processes']} processes")
     print(f"masks identical for the same image, seed and k: {identical}")
     out = {"cpus": os.cpu_count(), "executors": executors, "torch": torch.__version__, "budget": args.budget, "seconds_per_cell": args.seconds,
-           "ceiling": ceiling, "servers": servers, "ratios": ratios, "masks_identical": identical, "ray": _ray_version()}
+           "rounds": rounds, "ceiling": ceiling, "ceiling_at": at, "servers": servers, "ratios": ratios, "masks_identical": identical, "ray": _ray_version()}
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     print(f"wrote {args.json}")

@@ -90,6 +90,41 @@ def raw_sampler(model_dir: Path, image: np.ndarray, ks: list[int], budget: int, 
     return results
 
 
+def ceiling_at(model_dir: Path, image: np.ndarray, k: int, concurrency: int, budget: int, seconds: float, executors: int) -> dict:
+    """The raw sampler's best images/s with at most ``concurrency`` images in flight, as a closed-loop
+    client of that concurrency keeps them: what a server without overhead could reach at that load.
+    The best of one call at a time on all threads or on one (each call holding up to
+    ``concurrency`` images, within the budget), and single-thread executors side by side (as many
+    as there are images in flight, up to ``executors``), each with its share of them."""
+    networks = load_model(model_dir, "cpu").networks
+    x = networks.prepare([image])
+
+    def run(batch: int, k: int, seed: int) -> None:
+        for out in sample(networks, x.expand(batch, -1, -1, -1).contiguous(), [k] * batch, range(seed, seed + batch), outputs=[LABELS]):
+            out[LABELS].cpu()
+
+    per_call = max(1, min(concurrency, budget // k))
+    threads = torch.get_num_threads()
+    options = {}
+    for n in sorted({threads, 1}, reverse=True):
+        torch.set_num_threads(n)
+        try:
+            run(per_call, k, 0)  # warm-up
+            images, t0 = 0, time.perf_counter()
+            while time.perf_counter() - t0 < seconds or images < 3 * per_call:
+                run(per_call, k, images)
+                images += per_call
+            options[f"one call of {per_call} on {n} thread(s)"] = images / (time.perf_counter() - t0)
+        finally:
+            torch.set_num_threads(threads)
+    side = min(concurrency, executors)
+    if side > 1:
+        share = max(1, min(-(-concurrency // side), budget // k))
+        options[f"{side} executors with calls of {share}"] = parallel_sampler(run, share, k, seconds, side)
+    best = max(options, key=options.__getitem__)
+    return {"images_per_s": options[best], "by": best, "options": options}
+
+
 def parallel_sampler(run: Callable[[int, int, int], None], batch: int, k: int, seconds: float, executors: int) -> float:
     """Images/s of ``executors`` threads side by side, each calling ``run`` on batches of ``batch``
     with one torch thread (torch releases the GIL inside its ops): the in-process pool's ceiling."""
@@ -139,9 +174,9 @@ async def closed_loop(url: str, data: bytes, ks: Sequence[int], concurrency: int
                     errors += 1
                 i += 1
 
-        t0 = time.perf_counter()
+        t0, cpu0 = time.perf_counter(), time.process_time()
         await asyncio.gather(*(worker(w) for w in range(concurrency)))
-        elapsed = time.perf_counter() - t0
+        elapsed, client_cpu = time.perf_counter() - t0, time.process_time() - cpu0
     return {
         "requests": len(latencies),
         "per_k": per_k,
@@ -151,6 +186,8 @@ async def closed_loop(url: str, data: bytes, ks: Sequence[int], concurrency: int
         "p50_ms": 1000 * percentile(latencies, 50),
         "p95_ms": 1000 * percentile(latencies, 95),
         "p99_ms": 1000 * percentile(latencies, 99),
+        # the cores this client took from the server's machine (it runs on the same cores here)
+        "client_cores": client_cpu / elapsed,
     }
 
 
