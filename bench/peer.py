@@ -185,7 +185,7 @@ def main() -> None:
     from PIL import Image
 
     from bench.procs import free_port
-    from bench.serve import ceiling_at, closed_loop, raw_sampler
+    from bench.serve import ceiling_at, closed_loop, raw_sampler, sampler_run
     from carseg.threads import available_cores
     from training.data import open_dataset
 
@@ -198,13 +198,14 @@ def main() -> None:
     data = buf.getvalue()
 
     model_path = Path(args.model_dir) / args.model
+    run = sampler_run(model_path, case.image, "cpu")
     rounds: list[dict] = []
     masks: dict[str, dict] = {}
     for r in range(args.rounds):
         # this machine's speed drifts over minutes: each round measures the ceilings and both servers,
         # in turn (the order alternating), and every figure below is the median over the rounds
-        found = {"ceiling": raw_sampler(model_path, case.image, ks, args.budget, args.seconds, "cpu", executors=executors),
-                 "ceiling_at": {f"{k}/{c}": ceiling_at(model_path, case.image, k, c, args.budget, args.seconds / 2, executors) for k in ks for c in levels}}
+        found = {"ceiling": raw_sampler(run, ks, args.budget, args.seconds, "cpu", executors=executors),
+                 "ceiling_at": {f"{k}/{c}": ceiling_at(run, k, c, args.budget, args.seconds / 2, executors) for k in ks for c in levels}}
         for kind in ("carseg", "ray")[:: 1 if r % 2 == 0 else -1]:
             port = free_port()
             url = f"http://127.0.0.1:{port}/v1/models/{args.model}/samples"

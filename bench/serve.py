@@ -50,16 +50,33 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.asarray(values), q)) if values else float("nan")
 
 
-def raw_sampler(model_dir: Path, image: np.ndarray, ks: list[int], budget: int, seconds: float, device: str, executors: int = 1) -> dict:
+SamplerRun = Callable[[int, int, int], None]
+
+
+def sampler_run(model_dir: Path, image: np.ndarray, device: str) -> SamplerRun:
+    """``run(batch, k, seed)``: the sampler on ``batch`` copies of ``image``, k samples each, computing
+    what a /samples request needs (the masks, on the host)."""
     networks = load_model(model_dir, device).networks
     x = networks.prepare([image])
-    results = {}
 
     def run(batch: int, k: int, seed: int) -> None:
-        # what a /samples request needs: the masks, on the host
         for out in sample(networks, x.expand(batch, -1, -1, -1).contiguous(), [k] * batch, range(seed, seed + batch), outputs=[LABELS]):
             out[LABELS].cpu()
 
+    return run
+
+
+def rate(run: SamplerRun, batch: int, k: int, seconds: float) -> float:
+    """Images/s of calls of ``batch`` images one after another for ``seconds`` (at least 2 calls)."""
+    images, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds or images < 2 * batch:
+        run(batch, k, images)
+        images += batch
+    return images / (time.perf_counter() - t0)
+
+
+def raw_sampler(run: SamplerRun, ks: list[int], budget: int, seconds: float, device: str, executors: int = 1) -> dict:
+    results = {}
     for k in ks:
         batch = max(1, budget // k)
         run(batch, k, 0)  # warm-up
@@ -69,11 +86,7 @@ def raw_sampler(model_dir: Path, image: np.ndarray, ks: list[int], budget: int, 
             t0 = time.perf_counter()
             run(1, k, len(single))
             single.append(time.perf_counter() - t0)
-        images, t0 = 0, time.perf_counter()
-        while time.perf_counter() - t0 < seconds / 2 or images < 2 * batch:
-            run(batch, k, images)
-            images += batch
-        batched = images / (time.perf_counter() - t0)
+        batched = rate(run, batch, k, seconds / 2)
         single_rate = 1 / statistics.median(single)
         parallel = parallel_sampler(run, batch, k, seconds / 2, executors) if device == "cpu" and executors > 1 else 0.0
         # the ceiling is the best of one-at-a-time, batched, and (on a CPU) single-thread executors
@@ -90,19 +103,12 @@ def raw_sampler(model_dir: Path, image: np.ndarray, ks: list[int], budget: int, 
     return results
 
 
-def ceiling_at(model_dir: Path, image: np.ndarray, k: int, concurrency: int, budget: int, seconds: float, executors: int) -> dict:
+def ceiling_at(run: SamplerRun, k: int, concurrency: int, budget: int, seconds: float, executors: int) -> dict:
     """The raw sampler's best images/s with at most ``concurrency`` images in flight, as a closed-loop
     client of that concurrency keeps them: what a server without overhead could reach at that load.
     The best of one call at a time on all threads or on one (each call holding up to
     ``concurrency`` images, within the budget), and single-thread executors side by side (as many
     as there are images in flight, up to ``executors``), each with its share of them."""
-    networks = load_model(model_dir, "cpu").networks
-    x = networks.prepare([image])
-
-    def run(batch: int, k: int, seed: int) -> None:
-        for out in sample(networks, x.expand(batch, -1, -1, -1).contiguous(), [k] * batch, range(seed, seed + batch), outputs=[LABELS]):
-            out[LABELS].cpu()
-
     per_call = max(1, min(concurrency, budget // k))
     threads = torch.get_num_threads()
     options = {}
@@ -110,11 +116,7 @@ def ceiling_at(model_dir: Path, image: np.ndarray, k: int, concurrency: int, bud
         torch.set_num_threads(n)
         try:
             run(per_call, k, 0)  # warm-up
-            images, t0 = 0, time.perf_counter()
-            while time.perf_counter() - t0 < seconds or images < 3 * per_call:
-                run(per_call, k, images)
-                images += per_call
-            options[f"one call of {per_call} on {n} thread(s)"] = images / (time.perf_counter() - t0)
+            options[f"one call of {per_call} on {n} thread(s)"] = rate(run, per_call, k, seconds)
         finally:
             torch.set_num_threads(threads)
     side = min(concurrency, executors)
@@ -125,7 +127,7 @@ def ceiling_at(model_dir: Path, image: np.ndarray, k: int, concurrency: int, bud
     return {"images_per_s": options[best], "by": best, "options": options}
 
 
-def parallel_sampler(run: Callable[[int, int, int], None], batch: int, k: int, seconds: float, executors: int) -> float:
+def parallel_sampler(run: SamplerRun, batch: int, k: int, seconds: float, executors: int) -> float:
     """Images/s of ``executors`` threads side by side, each calling ``run`` on batches of ``batch``
     with one torch thread (torch releases the GIL inside its ops): the in-process pool's ceiling."""
     threads = torch.get_num_threads()
@@ -249,7 +251,7 @@ def main() -> None:
     data = buf.getvalue()
 
     model_path = Path(args.model_dir) / args.model
-    ceiling = raw_sampler(model_path, case.image, ks, args.budget, args.seconds, args.device, executors=torch.get_num_threads())
+    ceiling = raw_sampler(sampler_run(model_path, case.image, args.device), ks, args.budget, args.seconds, args.device, executors=torch.get_num_threads())
 
     paths = args.paths.split(",")
     service: dict[str, dict[int, dict[int, dict]]] = {}

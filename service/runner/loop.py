@@ -75,8 +75,10 @@ class ThreadShare:
     the pool's executors owns ``total // executors`` threads, so that all of them busy fill the cores
     without oversubscribing them; but with one request in flight that leaves the other cores idle.
     A runner that starts a batch of ``WIDE_MIN_SAMPLES`` or more while no other runner of the
-    process computes takes all ``total``. Torch's thread count is per OS thread once set there, and
-    is only changed when the choice changes (changing it drops oneDNN's cached kernels)."""
+    process computes takes all ``total``; if another starts meanwhile, the cores are oversubscribed
+    until that wide batch ends (OpenMP's idle threads sleep, ``carseg.threads``). Torch's thread
+    count is per OS thread once set there, and is only changed when the choice changes (changing it
+    drops oneDNN's cached kernels)."""
 
     def __init__(self, total: int, executors: int) -> None:
         self.total, self.narrow = max(1, total), max(1, total // executors)
