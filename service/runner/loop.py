@@ -13,7 +13,7 @@ import torch
 
 from service.config import Settings
 from service.metrics import Metrics
-from service.queue.base import JobSource
+from service.queue.base import Delivery, JobSource
 from service.runner.batching import BatchCollector
 from service.runner.executor import Executor
 from service.runner.models import ModelPool
@@ -105,10 +105,7 @@ class Runner:
         while not self.stopping.is_set():
             batch = self.collector.next_batch(self.idle_timeout_s)
             if batch:
-                with _busy:
-                    if self.threads is not None:
-                        self.threads.apply(sum(d.job.k for d in batch))
-                    self.executor.execute(batch)
+                self._execute(batch)
                 dirty = True
             else:
                 if dirty and _busy.none():  # the whole process idle: hand the batches' memory back
@@ -117,6 +114,13 @@ class Runner:
                 if burst:
                     break
         while batch := self.collector.next_batch(0.0, more=False):
+            self._execute(batch)
+
+    def _execute(self, batch: list[Delivery]) -> None:
+        # counted busy, so that no other runner of the process trims memory or widens under it
+        with _busy:
+            if self.threads is not None:
+                self.threads.apply(sum(d.job.k for d in batch))
             self.executor.execute(batch)
 
     def stop(self) -> None:
