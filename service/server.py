@@ -25,7 +25,7 @@ def local_queue(settings: Settings, registry: ModelRegistry, metrics: Metrics, c
         # imported here: only the in-process queue runs networks in this process
         import torch
 
-        from service.runner.loop import RunnerPool, ThreadShare, build_runner
+        from service.runner.loop import WIDE_MIN_SAMPLES, RunnerPool, ThreadShare, build_runner
         from service.runner.models import ModelPool
         from training.sampling import use_device
 
@@ -41,8 +41,8 @@ def local_queue(settings: Settings, registry: ModelRegistry, metrics: Metrics, c
             # of N executors would oversubscribe the cores N times
             share = ThreadShare(total, executors)
             torch.set_num_threads(share.narrow)
-        threads = torch.get_num_threads()
-        log.info("in-process runner: %d executor(s) on %s, %d torch thread(s) each (all %d for a lone batch)", executors, device, threads, total)
+        lone = f" (all {share.total} for a lone batch of {WIDE_MIN_SAMPLES}+ samples)" if share else ""
+        log.info("in-process runner: %d executor(s) on %s, %d torch thread(s) each%s", executors, device, torch.get_num_threads(), lone)
         queue.attach(RunnerPool([build_runner(queue, pool, metrics, settings, idle_timeout_s=0.1, of=executors, threads=share) for _ in range(executors)]))
     return queue
 
