@@ -75,6 +75,61 @@ def test_the_batch_closes_after_the_delay_when_the_budget_is_not_full():
     assert collector.next_batch(idle_timeout_s=0.0) == []
 
 
+@dataclass
+class ArrivingSource:
+    """Jobs that have arrived, ``gap_s`` apart by their enqueue times; a take hands out those that
+    are there (nothing arrives while the collector waits) and records its timeout."""
+
+    gap_s: float
+    ready: list[Delivered] = field(default_factory=list)
+    arrived: int = 0
+    asked: list[float] = field(default_factory=list)
+
+    def arrive(self, n: int) -> None:
+        for _ in range(n):
+            job = make_job(k=1, seed=self.arrived)
+            job.enqueued = 1000.0 + self.arrived * self.gap_s
+            self.ready.append(Delivered(job))
+            self.arrived += 1
+
+    def take(self, timeout_s: float, max_jobs: int) -> list[Delivered]:
+        self.asked.append(timeout_s)
+        taken, self.ready = self.ready[:max_jobs], self.ready[max_jobs:]
+        return taken
+
+    def waits_of_next_batch(self, collector: BatchCollector, jobs: int) -> list[float]:
+        """The timeouts of the takes that filled a batch after its first job, ``jobs`` having arrived."""
+        self.arrive(jobs)
+        asked = len(self.asked)
+        assert len(collector.next_batch(idle_timeout_s=0.0)) == jobs
+        return self.asked[asked + 1:]
+
+
+def test_the_batch_closes_at_once_when_no_job_is_expected_within_the_delay():
+    # a job every 40 ms and a 2 ms delay: 0.05 jobs expected, so a batch does not wait for a second
+    source = ArrivingSource(gap_s=0.04)
+    collector = BatchCollector(source, max_samples=16, max_delay_s=0.002, typical_k=1)
+    first = source.waits_of_next_batch(collector, 1)
+    assert len(first) == 1 and 0.0 < first[0] <= 0.002  # no arrival rate known yet: it waits, as before
+    for _ in range(3):
+        assert source.waits_of_next_batch(collector, 1) == [0.0]  # one look at the queue, no wait
+
+
+def test_the_batch_waits_the_delay_when_jobs_are_expected_within_it():
+    # jobs 1 ms apart and a 50 ms delay: about 50 are expected within it, so the batch stays open
+    source = ArrivingSource(gap_s=0.001)
+    collector = BatchCollector(source, max_samples=16, max_delay_s=0.05, typical_k=1)
+    for _ in range(2):
+        waits = source.waits_of_next_batch(collector, 4)
+        assert len(waits) == 1 and 0.0 < waits[0] <= 0.05
+
+
+def test_no_delay_never_waits():
+    source = ArrivingSource(gap_s=0.001)
+    collector = BatchCollector(source, max_samples=16, max_delay_s=0.0, typical_k=1)
+    assert source.waits_of_next_batch(collector, 1) == [0.0]
+
+
 def test_draining_batches_what_was_taken_without_asking_the_source():
     source = ScriptedSource([6, 6, 6])
     collector = BatchCollector(source, max_samples=8, max_delay_s=0.0, typical_k=8)

@@ -16,13 +16,29 @@ class BatchCollector:
 
     It asks the source for about as many jobs as the rest of the budget holds at the recent mean k:
     a source shared by several workers (a Redis stream) is not drained into one worker's carry-over
-    while another worker idles."""
+    while another worker idles.
+
+    It waits out the delay only where it pays: while, at the recent arrival rate, at least one more
+    job is expected within it. Otherwise a lone request waited the whole delay for nothing (one
+    client posting k = 1 on a 2-core CPU: 2.3 ms of its 40 ms); under load the jobs that queued
+    while the runner computed still make one batch, since they are taken at once."""
 
     def __init__(self, source: JobSource, max_samples: int, max_delay_s: float, typical_k: float) -> None:
         self.source, self.max_samples, self.max_delay_s = source, max_samples, max_delay_s
         self._carry: deque[Delivery] = deque()
         self._typical_k = max(1.0, typical_k)
         self._recent_ks: deque[int] = deque(maxlen=32)
+        self._recent_arrivals: deque[float] = deque(maxlen=32)  # the jobs' enqueue times
+
+    def _worth_waiting(self) -> bool:
+        """Whether at least one job is expected within the delay at the recent arrival rate; with
+        fewer than two arrivals seen, it is assumed to be."""
+        if self.max_delay_s <= 0:
+            return False
+        if len(self._recent_arrivals) < 2:
+            return True
+        span = max(self._recent_arrivals) - min(self._recent_arrivals)
+        return span <= 0 or (len(self._recent_arrivals) - 1) / span * self.max_delay_s >= 1.0
 
     def _ask(self, room: int) -> int:
         # at the mean k of the last 32 jobs, rounded down: better one read more than a job carried
@@ -32,6 +48,7 @@ class BatchCollector:
     def _take(self, timeout_s: float, room: int) -> bool:
         taken = self.source.take(timeout_s, self._ask(room))
         self._recent_ks.extend(d.job.k for d in taken)
+        self._recent_arrivals.extend(d.job.enqueued for d in taken)
         self._carry.extend(taken)
         return bool(taken)
 
@@ -42,7 +59,7 @@ class BatchCollector:
             return []
         batch: list[Delivery] = []
         samples = 0
-        close_at = time.monotonic() + self.max_delay_s
+        close_at = time.monotonic() + (self.max_delay_s if self._worth_waiting() else 0.0)
         while samples < self.max_samples:
             if not self._carry and not (more and self._take(max(0.0, close_at - time.monotonic()), self.max_samples - samples)):
                 break
