@@ -63,3 +63,10 @@ def test_no_file_name_pixels_or_query_reach_the_log(served_log):
     text, _, image = served_log
     for secret in (FILE_NAME, "DOE^JANE", "1.2.840.113619", "k=999", base64.b64encode(image).decode()[:40]):
         assert secret not in text, secret
+
+
+def test_the_server_runs_on_httptools_and_uvloop(served_log):
+    # the service's dependencies; without them uvicorn falls back to h11 and asyncio's loop, slower
+    text, _, _ = served_log
+    lines = [json.loads(line) for line in text.splitlines() if line.strip()]
+    assert any("httptools parser, uvloop event loop" in e["message"] for e in lines), [e["message"] for e in lines]
