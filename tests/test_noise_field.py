@@ -42,6 +42,54 @@ def test_field_puts_each_regions_vector_on_its_pixels_and_zero_where_sure():
     assert out[0, :, 1, 0].tolist() == out[0, :, 1, 1].tolist() == [3.0, 4.0]
 
 
+def test_region_noise_gives_g_the_logits_of_the_full_noise_map():
+    # the sampler's projection per region must be what pooling the map and projecting it gives, at
+    # every stage, for a chunk of one image's samples (its shares broadcast) and of two images'
+    torch.manual_seed(0)
+    g = RefinementNet(RefinementConfig(1, 2, widths=(8, 16, 16), noise_dim=4, noise="regions")).eval()
+    torch.nn.init.normal_(g.head.weight)
+    x, p = torch.randn(2, 1, 32, 32), torch.cat([two_blobs(), two_blobs().flip(-1)])
+    labels, counts = noise_field.doubt_regions(p, grow=0)
+    assert counts == [2, 2]
+    rows = torch.tensor([0, 0, 1, 1, 1])
+    vectors = region_vectors(torch.randn(5, 4), [counts[i] for i in rows.tolist()])
+    shared = g.share(g.encode(x, p))
+    shares = noise_field.RegionShares(labels, vectors.shape[1] - 1)
+    with torch.inference_mode():
+        expected = g.decode_shared(shared, lambda t: t[rows], noise_field.field(labels[rows], vectors))
+        mixed = g.decode_shared(shared, lambda t: t[rows], noise_field.RegionNoise(shares, lambda t: t[rows], vectors))
+        one = g.decode_shared(shared, lambda t: t[1:2], noise_field.RegionNoise(shares, lambda t: t[1:2], vectors[2:]))
+    torch.testing.assert_close(mixed, expected, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(one, expected[2:], atol=1e-5, rtol=1e-5)
+    assert (expected[0] - expected[1]).abs().max() > 1e-3  # the noise reaches the logits
+
+
+def test_the_sampler_gives_the_masks_of_the_full_noise_map(monkeypatch):
+    # the sampler projects per region (it builds no map: ``field`` fails if called) and its masks
+    # are those of G run the plain way on each sample's full noise map
+    torch.manual_seed(0)
+    g = RefinementNet(RefinementConfig(1, 2, widths=(8, 16, 16), noise_dim=4, noise="regions")).eval()
+    torch.nn.init.normal_(g.head.weight, std=3.0)
+    p_f, x, k = two_blobs(), torch.randn(1, 1, 32, 32), 16
+    labels, counts = noise_field.doubt_regions(p_f)
+    maps = noise_field.field(labels.repeat(k, 1, 1), region_vectors(noise(5, k, 4), counts * k))
+    with torch.inference_mode():
+        expected = g(x, p_f, maps[None])[0].argmax(1)
+    monkeypatch.setattr(noise_field, "field", None)
+    masks = sample(Networks(FixedF(p_f), g, Normalisation()), x, ks=[k], seeds=[5], outputs=[LABELS])[0][LABELS]
+    assert torch.equal(masks.long(), expected)
+    assert 0 < masks[:, 8, 8].float().mean() < 1  # the samples differ where F doubts
+
+
+def test_an_image_without_doubt_is_sampled_from_the_bias_alone():
+    # no region: every pixel gets the injections' bias, as an all-zero noise map would give
+    g = RefinementNet(RefinementConfig(1, 2, widths=(8, 16, 16), noise_dim=4, noise="regions")).eval()
+    sure = torch.stack([torch.full((32, 32), 0.999), torch.full((32, 32), 0.001)])[None]
+    nets = Networks(FixedF(sure), g, Normalisation())
+    masks = sample(nets, torch.zeros(1, 1, 32, 32), ks=[3], seeds=[1], outputs=[LABELS])[0][LABELS]
+    assert not masks.any()
+
+
 def test_region_one_is_the_samples_own_z_and_further_regions_depend_on_it_alone():
     z = noise(7, 3, 4)
     table = region_vectors(z, [2, 0, 3])

@@ -19,6 +19,8 @@ import torch
 import torch.nn.functional as nnf
 from torch import Tensor, nn
 
+from training.noise_field import RegionNoise
+
 
 def _conv_block(c_in: int, c_out: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(
@@ -140,8 +142,9 @@ class RefinementConfig:
 
 
 class _NoiseInjection(nn.Module):
-    """f' = (f + A(z)) * (1 + B(z)), then a 1x1 conv; z is a vector broadcast over H x W, or a
-    noise map (B, D, H', W') at full resolution, area-averaged to this stage's H x W.
+    """f' = (f + A(z)) * (1 + B(z)), then a 1x1 conv; z is a vector broadcast over H x W, a noise
+    map (B, D, H', W') at full resolution, area-averaged to this stage's H x W, or the sampler's
+    ``RegionNoise``, which gives A and B of that map without building it.
 
     The reference multiplies by (B(z) + 1e-5); starting from identity (1 + B(z)) keeps the
     decoder's signal alive at initialisation, so G does not first have to learn to undo a
@@ -154,8 +157,10 @@ class _NoiseInjection(nn.Module):
         self.scale = nn.Linear(noise_dim, channels)
         self.mix = nn.Conv2d(channels, channels, 1)
 
-    def forward(self, f: Tensor, z: Tensor) -> Tensor:
-        if z.ndim == 2:
+    def forward(self, f: Tensor, z: Tensor | RegionNoise) -> Tensor:
+        if isinstance(z, RegionNoise):
+            shift, scale = z.project(self.shift, f.shape[-2:]), z.project(self.scale, f.shape[-2:])
+        elif z.ndim == 2:
             shift = self.shift(z)[:, :, None, None]  # (B, C, 1, 1)
             scale = self.scale(z)[:, :, None, None]
         else:
@@ -212,10 +217,11 @@ class RefinementNet(nn.Module):
         log_prior, levels = feats[0], feats[1:]
         return [log_prior, levels[-1], *(up.skip_part(skip) for up, skip in zip(self.ups, reversed(levels[:-1]), strict=True))]
 
-    def decode_shared(self, shared: list[Tensor], take: Callable[[Tensor], Tensor], z: Tensor) -> Tensor:
+    def decode_shared(self, shared: list[Tensor], take: Callable[[Tensor], Tensor], z: Tensor | RegionNoise) -> Tensor:
         """``decode`` from ``share``'s output: ``take`` picks each sample's image's rows (a view of one
-        row when a chunk's samples are all of one image, which broadcasts instead of copying); the
-        same logits as ``decode`` up to float rounding (BatchNorm folded, the skip convolved apart)."""
+        row when a chunk's samples are all of one image, which broadcasts instead of copying); z as
+        ``decode`` takes it, or region noise as ``RegionNoise``; the same logits as ``decode`` up to
+        float rounding (BatchNorm folded, the skip convolved apart, region noise projected per region)."""
         log_prior, x, parts = shared[0], take(shared[1]), shared[2:]
         for inject, up, part in zip(self.inject, self.ups, parts, strict=True):
             x = up.forward_with(inject(x, z), take(part))

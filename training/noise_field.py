@@ -16,9 +16,12 @@ G would sample it; further regions' vectors are drawn by the caller (the sampler
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import torch
-from torch import Tensor
+import torch.nn.functional as nnf
+from torch import Tensor, nn
 
 DEFAULT_THRESHOLD = 0.05
 DEFAULT_GROW = 2
@@ -56,3 +59,68 @@ def training_noise(labels: Tensor, counts: list[int], n: int, noise_dim: int) ->
     vectors = torch.randn(b * n, max(counts, default=0) + 1, noise_dim, device=labels.device)
     maps = field(labels.repeat_interleave(n, dim=0), vectors)
     return maps.reshape(b, n, *maps.shape[1:])
+
+
+# the most regions of doubt an image may have for the sampler to project per region: their shares
+# below full resolution then take about as much memory as one sample's noise map (a CT crop has
+# 6 to 14; an image with more, say of noise, gets the maps)
+MAX_SHARED_REGIONS = 32
+
+
+class RegionShares:
+    """Each image's regions of doubt as area fractions of the decoder's cells, for the sampler:
+    labels (B, H, W) from ``doubt_regions`` and R, the most regions an image has. ``at((h, w))`` is
+    (B, R, h, w), region r + 1's share of each cell (row 0 of ``field``'s table is the sure
+    pixels' zero), for the stages below full resolution; pooled once per call and resolution from
+    the half-resolution shares, which are counted straight from the labels (no (B, R, H, W)
+    one-hot). The stages' sizes divide H / 2, as the sampler pads to the nets' stride."""
+
+    def __init__(self, labels: Tensor, regions: int) -> None:
+        self.labels, self.size = labels, (labels.shape[-2], labels.shape[-1])
+        b, (h, w) = labels.shape[0], self.size
+        if h % 2 or w % 2:
+            ids = torch.arange(1, regions + 1, device=labels.device)[None, :, None, None]
+            base = (labels[:, None] == ids).float()
+        else:
+            h2, w2 = h // 2, w // 2
+            cell = (torch.arange(h, device=labels.device)[:, None] // 2) * w2 + torch.arange(w, device=labels.device)[None, :] // 2
+            index = (labels * (h2 * w2) + cell).flatten(1)
+            counts = torch.zeros(b, (regions + 1) * h2 * w2, device=labels.device)
+            counts.scatter_add_(1, index, torch.full(index.shape, 0.25, device=labels.device))
+            base = counts.view(b, regions + 1, h2, w2)[:, 1:]
+        self._pooled: dict[tuple[int, int], Tensor] = {(base.shape[-2], base.shape[-1]): base}
+        self._base = base
+
+    def at(self, size: tuple[int, int]) -> Tensor:
+        size = (int(size[0]), int(size[1]))
+        if size not in self._pooled:
+            self._pooled[size] = nnf.adaptive_avg_pool2d(self._base, size)
+        return self._pooled[size]
+
+
+class RegionNoise:
+    """One chunk's region noise as G's injections read it, never built as a noise map. An
+    injection's 1x1 projection of the area-averaged noise map (``field``, then pooled) is linear in
+    the map: at full resolution it is each pixel's region's projected vector (W v_r + b, b alone
+    where F is sure), below it the projected vectors weighted by the regions' shares of each cell,
+    sum_r share_r (W v_r) + b. The sampler thus skips building a (samples, D, H, W) map per chunk
+    and pooling it at every stage; the values are the map's up to float rounding.
+
+    ``shares`` from ``RegionShares``; ``take`` picks the chunk's rows of a per-image tensor (one
+    image's row, broadcast, or one row per sample); ``vectors`` (n, R + 1, D) from
+    ``training.sampling.region_vectors``."""
+
+    def __init__(self, shares: RegionShares, take: Callable[[Tensor], Tensor], vectors: Tensor) -> None:
+        self.shares, self.take, self.vectors = shares, take, vectors[:, 1:]
+
+    def project(self, linear: nn.Linear, size: tuple[int, int]) -> Tensor:
+        """``linear``'s output at every cell of a (h, w) stage: (n, C, h, w), laid out channels-last."""
+        projected = self.vectors @ linear.weight.T  # (n, R, C)
+        n, (h, w) = projected.shape[0], (int(size[0]), int(size[1]))
+        if (h, w) == self.shares.size:
+            table = torch.cat([projected.new_zeros(n, 1, projected.shape[2]), projected], dim=1) + linear.bias  # (n, R + 1, C)
+            rows = torch.arange(n, device=table.device)[:, None, None]
+            return table[rows, self.take(self.shares.labels)].permute(0, 3, 1, 2)  # (n, H, W, C) viewed as NCHW
+        shares = self.take(self.shares.at((h, w)))  # (1 or n, R, h, w)
+        per_cell = torch.matmul(shares.flatten(2).transpose(1, 2), projected)  # (n, h * w, C)
+        return (per_cell + linear.bias).unflatten(1, (h, w)).permute(0, 3, 1, 2)

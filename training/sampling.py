@@ -109,9 +109,12 @@ class MemoryModel:
         width, classes = config.widths[0], config.num_classes
         per_image, per_sample = 4 * (6 * width + 6 * classes), 4 * (10 * width + 4 * classes)
         if _region_noise(networks.refinement):
-            # the region labels (int64) per image; per sample, its noise map at full resolution and
-            # the coarser copies the decoder pools (under twice the full one), and its labels' copy
-            per_image += 8
+            # per image, the region labels and the index that counts their shares (int64), and the
+            # shares (noise_field.RegionShares: at half resolution and below, under 1.4 floats per
+            # pixel and region); per sample, its noise map at full resolution and the coarser copies
+            # the decoder pools (under twice the full one), and its labels' copy, for an image of
+            # more regions than the shares are used for
+            per_image += 8 + 8 + int(1.4 * 4 * (noise_field.MAX_SHARED_REGIONS + 1))
             per_sample += 4 * 2 * config.noise_dim + 8
         return cls(per_image=per_image, per_sample=per_sample)
 
@@ -360,19 +363,29 @@ def sample(
     # CAR's G in eval mode computes what an image's samples share once (training.networks.RefinementNet.share);
     # what else sits in G's slot (the baselines, the SSN) decodes each sample's copy of the features
     shared = refinement.share(feats) if isinstance(refinement, RefinementNet) and not refinement.training else None
+    # the regions' shares of each cell instead of a noise map per sample, where they take no more
+    # memory than one sample's map: an image of many small regions of doubt (noise) gets the maps
+    shares = None
+    if regions and shared is not None and z.shape[1] - 1 <= noise_field.MAX_SHARED_REGIONS:
+        shares = noise_field.RegionShares(region_labels, z.shape[1] - 1)
     image_of = [i for i, k in enumerate(ks) for _ in range(k)]
     for start in range(0, len(rows), chunk):
         if start and should_stop is not None and should_stop():
             raise Stopped(f"stopped after {start} of {len(rows)} samples")
         idx = rows[start : start + chunk]
         first, last = image_of[start], image_of[min(start + chunk, len(rows)) - 1]
-        noise_in = noise_field.field(region_labels[idx], z[start : start + chunk]) if regions else z[start : start + chunk]
+        # one image's samples broadcast its row instead of copying it per sample
+        take = (lambda t, i=first: t[i : i + 1]) if first == last else (lambda t, idx=idx: t[idx])
         with autocast:
+            if shares is not None:
+                noise_in = noise_field.RegionNoise(shares, take, z[start : start + chunk])
+            elif regions:
+                noise_in = noise_field.field(region_labels[idx], z[start : start + chunk])
+            else:
+                noise_in = z[start : start + chunk]
             if shared is None:
                 logits = refinement.decode([f[idx] for f in feats], noise_in)
             else:
-                # one image's samples broadcast its row instead of copying it per sample
-                take = (lambda t, i=first: t[i : i + 1]) if first == last else (lambda t, idx=idx: t[idx])
                 logits = refinement.decode_shared(shared, take, noise_in)
         stats.add(start, logits.float()[..., :h, :w])
     return _summarise(stats, p_f[..., :h, :w], needed, wanted)
