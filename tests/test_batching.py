@@ -106,13 +106,26 @@ class ArrivingSource:
 
 
 def test_the_batch_closes_at_once_when_no_job_is_expected_within_the_delay():
-    # a job every 40 ms and a 2 ms delay: 0.05 jobs expected, so a batch does not wait for a second
-    source = ArrivingSource(gap_s=0.04)
-    collector = BatchCollector(source, max_samples=16, max_delay_s=0.002, typical_k=1)
+    # a job every 4 s and a 0.2 s delay (one client, k = 1: every 40 ms against 2 ms), so a batch
+    # does not wait for a second job
+    source = ArrivingSource(gap_s=4.0)
+    collector = BatchCollector(source, max_samples=16, max_delay_s=0.2, typical_k=1)
     first = source.waits_of_next_batch(collector, 1)
-    assert len(first) == 1 and 0.0 < first[0] <= 0.002  # no arrival rate known yet: it waits, as before
+    assert len(first) == 1 and 0.0 < first[0] <= 0.2  # no arrival rate known yet: it waits, as before
     for _ in range(3):
         assert source.waits_of_next_batch(collector, 1) == [0.0]  # one look at the queue, no wait
+
+
+def test_one_job_enqueued_long_ago_does_not_stop_the_batching():
+    # jobs 1 ms apart, but one of them stamped an hour early (reclaimed, or a replica's clock off)
+    source = ArrivingSource(gap_s=0.001)
+    collector = BatchCollector(source, max_samples=16, max_delay_s=0.05, typical_k=1)
+    source.arrive(1)
+    source.ready[0].job.enqueued -= 3600.0
+    source.arrive(3)
+    collector.next_batch(idle_timeout_s=0.0)
+    waits = source.waits_of_next_batch(collector, 4)
+    assert len(waits) == 1 and 0.0 < waits[0] <= 0.05
 
 
 def test_the_batch_waits_the_delay_when_jobs_are_expected_within_it():
@@ -143,7 +156,7 @@ class Recorder:
     def __init__(self, runner_box):
         self.batches, self.runner_box = [], runner_box
 
-    def execute(self, batch):
+    def execute(self, batch, computed=None):
         self.batches.append([d.job.k for d in batch])
         self.runner_box[0].stop()  # a stop arrives while the first batch runs
 

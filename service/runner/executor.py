@@ -8,6 +8,7 @@ from __future__ import annotations
 import logging
 import time
 from collections import defaultdict
+from collections.abc import Callable
 
 import numpy as np
 
@@ -25,7 +26,9 @@ class Executor:
     def __init__(self, models: ModelPool, metrics: Metrics, decode_batch: int, memory_budget: int) -> None:
         self.models, self.metrics, self.decode_batch, self.memory_budget = models, metrics, decode_batch, memory_budget
 
-    def execute(self, batch: list[Delivery]) -> None:
+    def execute(self, batch: list[Delivery], computed: Callable[[], None] | None = None) -> None:
+        """Run the batch; ``computed`` is called once its last sampler call has ended, before that
+        call's jobs are answered."""
         live = self._live(batch)
         if not live:
             return
@@ -34,9 +37,9 @@ class Executor:
         groups: dict[tuple, list[Delivery]] = defaultdict(list)
         for delivery in live:
             groups[delivery.job.group_key].append(delivery)
-        for group in groups.values():
-            for part in self._fit(group):
-                self._run(part)
+        parts = [part for group in groups.values() for part in self._fit(group)]
+        for i, part in enumerate(parts):
+            self._run(part, computed if i == len(parts) - 1 else None)
 
     def _fit(self, group: list[Delivery]) -> list[list[Delivery]]:
         """Consecutive parts of a group of one model and shape whose images, with one sample each
@@ -68,11 +71,13 @@ class Executor:
                 live.append(delivery)
         return live
 
-    def _run(self, group: list[Delivery]) -> None:
+    def _run(self, group: list[Delivery], computed: Callable[[], None] | None = None) -> None:
         started = time.time()
         try:
             arrays = self._compute(group)
         except Stopped:
+            if computed is not None:
+                computed()
             for delivery in group:
                 if delivery.wanted():
                     self.metrics.count("expired")
@@ -82,15 +87,19 @@ class Executor:
             return
         except Exception:
             if len(group) > 1:  # find the job that fails, so that the others are not failed with it
-                for delivery in group:
-                    self._run([delivery])
+                for i, delivery in enumerate(group):
+                    self._run([delivery], computed if i == len(group) - 1 else None)
                 return
+            if computed is not None:
+                computed()
             job = group[0].job
             log.exception("inference failed for job %s (%s v%s)", job.id, job.model, job.version)
             self.metrics.count("failed")
             group[0].failed(InferenceFailed(f"inference failed for job {job.id}; see the worker log"))
             return
         compute = time.time() - started
+        if computed is not None:
+            computed()
         self.metrics.compute_seconds.labels(group[0].job.model).observe(compute)
         for delivery, outputs in zip(group, arrays, strict=True):
             wait = started - delivery.job.enqueued

@@ -42,18 +42,24 @@ release_free_memory = _malloc_trim()
 
 
 class _Busy:
-    """How many runners of this process are executing a batch."""
+    """How many runners of this process are computing a batch."""
 
     def __init__(self) -> None:
         self._lock, self._count = threading.Lock(), 0
 
-    def __enter__(self) -> None:
+    def enter(self) -> Callable[[], None]:
+        """Count one more runner busy; the returned release (once, whatever calls it) uncounts it."""
         with self._lock:
             self._count += 1
+        released = threading.Event()
 
-    def __exit__(self, *_: object) -> None:
-        with self._lock:
-            self._count -= 1
+        def release() -> None:
+            with self._lock:
+                if not released.is_set():
+                    released.set()
+                    self._count -= 1
+
+        return release
 
     def none(self) -> bool:
         return self.count() == 0
@@ -117,11 +123,16 @@ class Runner:
             self._execute(batch)
 
     def _execute(self, batch: list[Delivery]) -> None:
-        # counted busy, so that no other runner of the process trims memory or widens under it
-        with _busy:
+        # counted busy, so that no other runner of the process trims memory or widens under it, until
+        # its last sampler call ends: a job answered then may start the next batch on another runner
+        # at once, which must not see this one still busy (it ran a lone k=4 on one thread)
+        release = _busy.enter()
+        try:
             if self.threads is not None:
                 self.threads.apply(sum(d.job.k for d in batch))
-            self.executor.execute(batch)
+            self.executor.execute(batch, computed=release)
+        finally:
+            release()
 
     def stop(self) -> None:
         self.stopping.set()
