@@ -21,6 +21,7 @@ from service.runner.executor import Executor
 from service.runner.models import ModelPool
 from tests.queue_backends import REPO, make_job
 from tests.service_fixtures import write_tiny_model
+from training import noise_field
 from training.checkpoint import load_model
 from training.networks import RefinementNet
 from training.sampling import LABELS, MemoryModel, Stopped, sample
@@ -44,21 +45,31 @@ PROBE = textwrap.dedent("""
     image = networks.prepare([pixels])
     before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     sample(networks, image, [k], [0], outputs=OUTPUTS, memory_budget=budget)
-    print(json.dumps({"peak_growth": (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024}))
+    growth = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) * 1024
+    from training import noise_field
+    config = networks.refinement.config
+    with torch.inference_mode():
+        p_f = networks.calibration(image).softmax(dim=1)
+    regions = noise_field.doubt_regions(p_f, config.doubt_threshold, config.region_grow)[1][0]
+    print(json.dumps({"peak_growth": growth, "regions": regions}))
 """)
 
 
-def peak_growth(side: int, k: int, budget: int, kind: str = "noise") -> int:
+def peak_growth(side: int, k: int, budget: int, kind: str = "noise") -> tuple[int, int]:
+    """The peak RSS growth of one sampler call and the image's regions of doubt."""
     out = subprocess.run([sys.executable, "-c", PROBE, str(side), str(k), str(budget), kind], cwd=REPO, capture_output=True, text=True,
                          timeout=300, check=True, env={"PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"})
-    return int(json.loads(out.stdout.splitlines()[-1])["peak_growth"])
+    result = json.loads(out.stdout.splitlines()[-1])
+    return int(result["peak_growth"]), int(result["regions"])
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize(("side", "k", "budget_mb", "kind"), [(512, 8, 300, "noise"), (256, 48, 300, "noise"), (512, 8, 300, "ct")])
 def test_peak_memory_stays_under_the_budget(side, k, budget_mb, kind):
-    growth = peak_growth(side, k, budget_mb * 2**20, kind)
-    print(f"\n{side} x {side} {kind}, k={k}, budget {budget_mb} MB: peak RSS grew {growth / 2**20:.0f} MB")
+    growth, regions = peak_growth(side, k, budget_mb * 2**20, kind)
+    print(f"\n{side} x {side} {kind} ({regions} regions), k={k}, budget {budget_mb} MB: peak RSS grew {growth / 2**20:.0f} MB")
+    # the CT image takes the per-region projection, the noise image the noise maps
+    assert (regions <= noise_field.MAX_SHARED_REGIONS) == (kind == "ct")
     assert growth <= budget_mb * 2**20
     # and without the budget (every sample at once) the same call needs several times more
     assert MemoryModel.of(load_model(REPO / "models" / "default").networks).per_sample * side * side * k > 2 * budget_mb * 2**20

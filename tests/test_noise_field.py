@@ -81,13 +81,20 @@ def test_the_sampler_gives_the_masks_of_the_full_noise_map(monkeypatch):
     assert 0 < masks[:, 8, 8].float().mean() < 1  # the samples differ where F doubts
 
 
-def test_an_image_without_doubt_is_sampled_from_the_bias_alone():
-    # no region: every pixel gets the injections' bias, as an all-zero noise map would give
-    g = RefinementNet(RefinementConfig(1, 2, widths=(8, 16, 16), noise_dim=4, noise="regions")).eval()
-    sure = torch.stack([torch.full((32, 32), 0.999), torch.full((32, 32), 0.001)])[None]
-    nets = Networks(FixedF(sure), g, Normalisation())
-    masks = sample(nets, torch.zeros(1, 1, 32, 32), ks=[3], seeds=[1], outputs=[LABELS])[0][LABELS]
-    assert not masks.any()
+def test_an_image_without_doubt_is_sampled_from_the_bias_alone(monkeypatch):
+    # no region: every pixel gets the injections' bias, as an all-zero noise map gives
+    torch.manual_seed(0)
+    g = RefinementNet(RefinementConfig(1, 2, widths=(8, 16, 16), noise_dim=4, noise="regions", doubt_threshold=0.5)).eval()
+    torch.nn.init.normal_(g.head.weight, std=3.0)  # the prior skip's zero head would hide the noise path
+    sure = torch.stack([torch.full((32, 32), 0.6), torch.full((32, 32), 0.4)])[None]
+    x = torch.randn(1, 1, 32, 32)
+    assert noise_field.doubt_regions(sure, threshold=0.5)[1] == [0]
+    with torch.inference_mode():
+        expected = g(x, sure, torch.zeros(1, 3, 4, 32, 32))[0].argmax(1)
+    monkeypatch.setattr(noise_field, "field", None)
+    masks = sample(Networks(FixedF(sure), g, Normalisation()), x, ks=[3], seeds=[1], outputs=[LABELS])[0][LABELS]
+    assert torch.equal(masks.long(), expected)
+    assert expected.any()  # G's head decides: the prior alone gives background everywhere
 
 
 def test_region_one_is_the_samples_own_z_and_further_regions_depend_on_it_alone():

@@ -61,9 +61,9 @@ def training_noise(labels: Tensor, counts: list[int], n: int, noise_dim: int) ->
     return maps.reshape(b, n, *maps.shape[1:])
 
 
-# the most regions of doubt an image may have for the sampler to project per region: their shares
-# below full resolution then take about as much memory as one sample's noise map (a CT crop has
-# 6 to 14; an image with more, say of noise, gets the maps)
+# the most regions of doubt an image may have for the sampler to project per region (a CT crop has
+# 6 to 14; an image with more, say of noise, gets the maps): it bounds the shares' memory,
+# training.sampling.MemoryModel
 MAX_SHARED_REGIONS = 32
 
 
@@ -116,11 +116,12 @@ class RegionNoise:
     def project(self, linear: nn.Linear, size: tuple[int, int]) -> Tensor:
         """``linear``'s output at every cell of a (h, w) stage: (n, C, h, w), laid out channels-last."""
         projected = self.vectors @ linear.weight.T  # (n, R, C)
+        bias = linear.bias.to(projected.dtype)  # float16 under autocast: the float32 bias would promote the maps
         n, (h, w) = projected.shape[0], (int(size[0]), int(size[1]))
         if (h, w) == self.shares.size:
-            table = torch.cat([projected.new_zeros(n, 1, projected.shape[2]), projected], dim=1) + linear.bias  # (n, R + 1, C)
+            table = torch.cat([projected.new_zeros(n, 1, projected.shape[2]), projected], dim=1) + bias  # (n, R + 1, C)
             rows = torch.arange(n, device=table.device)[:, None, None]
             return table[rows, self.take(self.shares.labels)].permute(0, 3, 1, 2)  # (n, H, W, C) viewed as NCHW
         shares = self.take(self.shares.at((h, w)))  # (1 or n, R, h, w)
         per_cell = torch.matmul(shares.flatten(2).transpose(1, 2), projected)  # (n, h * w, C)
-        return (per_cell + linear.bias).unflatten(1, (h, w)).permute(0, 3, 1, 2)
+        return (per_cell + bias).unflatten(1, (h, w)).permute(0, 3, 1, 2)

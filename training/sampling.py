@@ -109,12 +109,13 @@ class MemoryModel:
         width, classes = config.widths[0], config.num_classes
         per_image, per_sample = 4 * (6 * width + 6 * classes), 4 * (10 * width + 4 * classes)
         if _region_noise(networks.refinement):
-            # per image, the region labels and the index that counts their shares (int64), and the
-            # shares (noise_field.RegionShares: at half resolution and below, under 1.4 floats per
-            # pixel and region); per sample, its noise map at full resolution and the coarser copies
-            # the decoder pools (under twice the full one), and its labels' copy, for an image of
-            # more regions than the shares are used for
-            per_image += 8 + 8 + int(1.4 * 4 * (noise_field.MAX_SHARED_REGIONS + 1))
+            # per image, the region labels and the index that counts their shares (int64), the
+            # counts' float32 increments, and the shares (noise_field.RegionShares: float32 at half
+            # resolution and their pooled copies, under 1.4 bytes per pixel and region); per sample,
+            # its noise map at full resolution and the coarser copies the decoder pools (under twice
+            # the full one), and its labels' copy, which an image of more regions than the shares are
+            # used for needs (the chunk is sized before the regions are known)
+            per_image += 8 + 8 + 4 + int(1.4 * (noise_field.MAX_SHARED_REGIONS + 1))
             per_sample += 4 * 2 * config.noise_dim + 8
         return cls(per_image=per_image, per_sample=per_sample)
 
