@@ -112,6 +112,18 @@ class RegionNoise:
 
     def __init__(self, shares: RegionShares, take: Callable[[Tensor], Tensor], vectors: Tensor) -> None:
         self.shares, self.take, self.vectors = shares, take, vectors[:, 1:]
+        self._taken: dict[tuple[int, int], Tensor] = {}
+
+    def _chunk_at(self, size: tuple[int, int]) -> Tensor:
+        """The chunk's rows of the labels (full resolution: (1 or n, H, W)) or of the shares, laid
+        out for the matmul ((1 or n, h * w, R)); taken once per stage, for both of its projections
+        (``take`` copies them where the chunk spans images)."""
+        if size not in self._taken:
+            if size == self.shares.size:
+                self._taken[size] = self.take(self.shares.labels)
+            else:
+                self._taken[size] = self.take(self.shares.at(size)).flatten(2).transpose(1, 2)
+        return self._taken[size]
 
     def project(self, linear: nn.Linear, size: tuple[int, int]) -> Tensor:
         """``linear``'s output at every cell of a (h, w) stage: (n, C, h, w), laid out channels-last."""
@@ -121,7 +133,6 @@ class RegionNoise:
         if (h, w) == self.shares.size:
             table = torch.cat([projected.new_zeros(n, 1, projected.shape[2]), projected], dim=1) + bias  # (n, R + 1, C)
             rows = torch.arange(n, device=table.device)[:, None, None]
-            return table[rows, self.take(self.shares.labels)].permute(0, 3, 1, 2)  # (n, H, W, C) viewed as NCHW
-        shares = self.take(self.shares.at((h, w)))  # (1 or n, R, h, w)
-        per_cell = torch.matmul(shares.flatten(2).transpose(1, 2), projected)  # (n, h * w, C)
+            return table[rows, self._chunk_at((h, w))].permute(0, 3, 1, 2)  # (n, H, W, C) viewed as NCHW
+        per_cell = torch.matmul(self._chunk_at((h, w)), projected)  # (n, h * w, C)
         return (per_cell + bias).unflatten(1, (h, w)).permute(0, 3, 1, 2)

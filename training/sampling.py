@@ -364,8 +364,9 @@ def sample(
     # CAR's G in eval mode computes what an image's samples share once (training.networks.RefinementNet.share);
     # what else sits in G's slot (the baselines, the SSN) decodes each sample's copy of the features
     shared = refinement.share(feats) if isinstance(refinement, RefinementNet) and not refinement.training else None
-    # the regions' shares of each cell instead of a noise map per sample, where they take no more
-    # memory than one sample's map: an image of many small regions of doubt (noise) gets the maps
+    # the regions' shares of each cell instead of a noise map per sample, where the regions are few
+    # enough for the memory model's bound on the shares: an image of many small regions of doubt
+    # (noise) gets the maps
     shares = None
     if regions and shared is not None and z.shape[1] - 1 <= noise_field.MAX_SHARED_REGIONS:
         shares = noise_field.RegionShares(region_labels, z.shape[1] - 1)
