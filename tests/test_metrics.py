@@ -176,6 +176,20 @@ def test_known_distribution_modes_enumerate_every_combination_with_its_probabili
     assert KnownDistribution(base, events * 4).modes(max_modes=64) is None
 
 
+def test_certain_pixels_set_to_the_truth_keep_the_samples_ambiguous_objects():
+    base = np.array([[1, 1], [0, 0]], np.uint8)
+    rim = np.array([[False, False], [True, False]])
+    truth = KnownDistribution(base, (Event(rim, "rim", 0.5, 1, 0),))
+    # a sample that misses the certain core and marks a certain-background pixel, with the rim on
+    samples = np.array([[[0, 1], [1, 1]]], np.uint8)
+    fixed = truth.with_certain_pixels(samples)
+    assert (fixed == np.array([[[1, 1], [1, 0]]])).all() and fixed.dtype == samples.dtype
+    modes, weights = truth.modes()
+    # only the rim's frequency is left wrong: always on against 0.5, GED 2 x .5 x (1/3) - 0 - 2 x .25 x (1/3)
+    assert metrics.ged_to_distribution(fixed, modes, weights, [1]) == pytest.approx(1 / 6)
+    assert metrics.ged_to_distribution(samples, modes, weights, [1]) > 1 / 6
+
+
 def test_event_pairs_correlate_coupled_events_and_skip_constant_ones():
     a = np.array([True, False] * 8)
     correlation, dependence = metrics.event_pairs([a, a, ~a, np.ones(16, bool)])

@@ -7,7 +7,10 @@
   with its reliability diagram;
 - data whose true distribution is known: ``ged_truth_16`` (GED against every mode, weighted by its
   probability), the oracle values a perfect sampler gets at the same n (``oracle_ged_16``,
-  ``oracle_ged_truth_16``; ratios only where the oracle is > 0), ``calibration_error`` (each
+  ``oracle_ged_truth_16``; ratios only where the oracle is > 0), ``ged_truth_events_16`` (the same
+  with the samples' certain pixels, those outside every event, set to the truth: what is left is the
+  error in the ambiguous objects; the drop from ``ged_truth_16`` is what the certain structure,
+  boundaries, misses and false marks, costs), ``calibration_error`` (each
   kind's events pooled), ``event_calibration_error`` (event by event) next to
   ``event_calibration_floor`` (what a perfect sampler scores at n = 16), ``coherence``, and, where
   some image has two or more events (independent in truth), whether the samples keep them
@@ -98,6 +101,7 @@ def _add_truth(tally: _Tally, case: Case, samples: np.ndarray, n: int, classes: 
     modes = truth.modes()
     if modes is not None:
         tally.add(f"ged_truth_{n}", metrics.ged_to_distribution(samples, *modes, classes))
+        tally.add(f"ged_truth_events_{n}", metrics.ged_to_distribution(truth.with_certain_pixels(samples), *modes, classes))
         tally.add(f"oracle_ged_truth_{n}", metrics.ged_to_distribution(truth.sample(rng, n), *modes, classes))
     outcomes = []
     for event in truth.events:

@@ -49,6 +49,14 @@ class KnownDistribution:
             weights *= np.where(on, event.probability, 1.0 - event.probability)
         return maps, weights
 
+    def with_certain_pixels(self, maps: np.ndarray) -> np.ndarray:
+        """``maps`` (n, H, W) with every pixel outside the events' regions set to ``base``: what a
+        sampler would give if it got all that is certain right and kept its own ambiguous objects."""
+        uncertain = np.zeros(self.base.shape, dtype=bool)
+        for event in self.events:
+            uncertain |= event.region
+        return np.where(uncertain, maps, self.base[None]).astype(maps.dtype)
+
     def marginals(self, num_classes: int) -> np.ndarray:
         """Per-pixel class probabilities (C, H, W) float32."""
         probs = np.eye(num_classes, dtype=np.float32)[self.base].transpose(2, 0, 1).copy()
