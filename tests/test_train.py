@@ -14,7 +14,7 @@ from training.data import open_dataset
 from training.evaluate import evaluate
 from training.manifest import CheckpointError
 from training.networks import ArchitectureConfig
-from training.train import STATE_DIR, _build, _discriminator_loss, _set_up, _step, train, use_amp
+from training.train import STATE_DIR, _build, _discriminator_loss, _set_up, _step, train, use_amp, validation_gap
 
 TINY = {
     "calibration": {"in_channels": 3, "num_classes": 9, "widths": [8, 16]},
@@ -47,6 +47,17 @@ def test_a_few_steps_write_a_checkpoint_that_loads_and_samples(tmp_path):
     result = evaluate(model.networks, open_dataset("synthetic:flips", "test", length=2), n_samples=3)
     for key in ("ged_3", "hm_iou_3", "diversity_3", "ece", "oracle_ged_3", "calibration_error", "event_calibration_error", "coherence"):
         assert np.isfinite(result.summary[key]), key
+
+
+def test_validations_take_at_most_their_share_of_the_run():
+    # fast validations keep the configured interval
+    assert validation_gap(120.0, 5.0, 0.2) == 120.0
+    # a 60 s validation at a share of 0.2 waits 240 s of training: 60 of every 300 s
+    assert validation_gap(120.0, 60.0, 0.2) == pytest.approx(240.0)
+    assert 60.0 / (60.0 + validation_gap(120.0, 60.0, 0.2)) == pytest.approx(0.2)
+    assert validation_gap(120.0, 60.0, 1.0) == 120.0
+    with pytest.raises(ValueError, match="val_share"):
+        replace(_config(Path("x"), 1), val_share=0.0)
 
 
 def test_resume_continues_from_the_saved_step(tmp_path):

@@ -62,6 +62,7 @@ def _train(args: argparse.Namespace) -> None:
         seed=args.seed,
         device=str(device),
         val_every_s=args.val_every,
+        val_share=args.val_share,
         f_warmup=args.f_warmup,
         amp=args.amp,
         init=Path(args.init) if args.init else None,
@@ -183,7 +184,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--seed", type=int, default=_TRAIN_DEFAULTS["seed"])
     p.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N")
     p.add_argument("--threads", type=int, help="torch CPU threads")
-    p.add_argument("--val-every", type=float, default=_TRAIN_DEFAULTS["val_every_s"], help="seconds between validations")
+    p.add_argument("--val-every", type=float, default=_TRAIN_DEFAULTS["val_every_s"], help="least seconds of training between validations")
+    p.add_argument(
+        "--val-share", type=float, default=_TRAIN_DEFAULTS["val_share"],
+        help="validation's largest share of the run's time: a slow validation spaces the next ones out",
+    )
     p.add_argument("--f-warmup", type=float, default=_TRAIN_DEFAULTS["f_warmup"], help="share of the budget F trains alone before G starts")
     p.add_argument(
         "--amp", action=argparse.BooleanOptionalAction, default=_TRAIN_DEFAULTS["amp"],

@@ -43,7 +43,11 @@ class TrainConfig:
     # window of ~100 steps: with 0.998, G's average lagged its weights (calibration error 0.18 vs
     # 0.06 live, 30 CPU minutes in), as G takes only ~2000 steps on a 2-core CPU
     ema_decay: float = 0.99
-    val_every_s: float = 120.0
+    val_every_s: float = 120.0  # the least training time between validations
+    # validation's largest share of the run's time: the next one waits until training has taken
+    # (1 - share) / share times as long as the last validation did. On one core of this 2-core CPU,
+    # 96 halo cases x 16 samples took ~60 s: validating every 120 s spent ~55% of G's phase on it
+    val_share: float = 0.2
     val_cases: int = 96  # 32 left the frequency estimates too noisy to select a version by
     val_samples: int = 16
     seed: int = 0
@@ -60,6 +64,8 @@ class TrainConfig:
     def __post_init__(self) -> None:
         if (self.steps is None) == (self.minutes is None):
             raise ValueError("give exactly one of steps or minutes")
+        if not 0.0 < self.val_share <= 1.0:
+            raise ValueError(f"val_share must be in (0, 1], got {self.val_share}")
         if self.samples < 2:
             raise ValueError(f"samples must be >= 2 for L_cal to see a distribution, got {self.samples}")
 

@@ -149,6 +149,13 @@ class Batches:
         return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
 
 
+def validation_gap(every_s: float, last_cost_s: float, share: float) -> float:
+    """Seconds of training before the next validation: at least ``every_s``, and enough that
+    validations, each taking about as long as the last (``last_cost_s``), take at most ``share`` of
+    the run's time."""
+    return max(every_s, last_cost_s * (1.0 - share) / share)
+
+
 def lr_scale(progress: float) -> float:
     """Step decay x0.5 at 60% and again at 85% of the budget: F's calibration settles late."""
     return 1.0 if progress < 0.6 else 0.5 if progress < 0.85 else 0.25
@@ -474,6 +481,7 @@ def _train(config: TrainConfig, device: torch.device) -> Path:
     batches = Batches(run.train_set, config.size, config.batch_size, config.seed + progress.step + distributed.rank(), Normalisation())
     start = time.monotonic() - progress.elapsed
     last_val = time.monotonic()
+    gap = config.val_every_s
     bar = tqdm(total=config.steps, initial=progress.step, unit="step", dynamic_ncols=True, disable=not main)
 
     def budget_used() -> float:
@@ -498,12 +506,14 @@ def _train(config: TrainConfig, device: torch.device) -> Path:
         progress.step += 1
         bar.update(1)
         bar.set_postfix({k: f"{v:.3f}" for k, v in log.items()}, refresh=False)
-        used, due = distributed.decide(budget_used(), float(time.monotonic() - last_val >= config.val_every_s))
+        used, due = distributed.decide(budget_used(), float(time.monotonic() - last_val >= gap))
         done = used >= 1.0
         if done or due:
-            last_val = time.monotonic()
-            progress.elapsed = time.monotonic() - start
+            began = time.monotonic()
+            progress.elapsed = began - start
             _checkpoint(run, log, validate=used >= config.f_warmup or done)
+            last_val = time.monotonic()
+            gap = validation_gap(config.val_every_s, last_val - began, config.val_share)
     bar.close()
     if main and not (run.version_dir / "manifest.json").exists():
         raise CheckpointError(f"training ended before G trained long enough to validate; no version in {config.out}")

@@ -21,7 +21,7 @@ from training.evaluate import evaluate
 from training.manifest import Normalisation, version_folders
 from training.sampling import Networks, use_device
 from training.ssn import SSNConfig, SSNMean, StochasticSegmentationNet, ssn_loss
-from training.train import Batches, lr_scale
+from training.train import Batches, lr_scale, validation_gap
 
 
 def _manifest(config: TrainConfig, dataset: Dataset, ssn_config: SSNConfig, metrics: dict[str, Any], step: int, seconds: float) -> dict[str, Any]:
@@ -78,6 +78,7 @@ def train_ssn(config: TrainConfig, ssn_config: SSNConfig | None = None) -> Path:
     batches = Batches(train_set, config.size, config.batch_size, config.seed, Normalisation())
     version_dir = _next_version(config.out)
     start = last_val = time.monotonic()
+    gap = config.val_every_s
     step, best_ged = 0, math.inf
 
     def budget_used() -> float:
@@ -99,11 +100,13 @@ def train_ssn(config: TrainConfig, ssn_config: SSNConfig | None = None) -> Path:
         step += 1
         bar.update(1)
         bar.set_postfix({"loss": f"{loss.item():.4f}"}, refresh=False)
-        if budget_used() >= 1.0 or time.monotonic() - last_val >= config.val_every_s:
-            last_val = time.monotonic()
-            metrics = _validate(ema.module, val_set, config.val_samples, step, last_val - start)
+        if budget_used() >= 1.0 or time.monotonic() - last_val >= gap:
+            began = time.monotonic()
+            metrics = _validate(ema.module, val_set, config.val_samples, step, began - start)
             if metrics[f"ged_{config.val_samples}"] < best_ged:
                 best_ged = metrics[f"ged_{config.val_samples}"]
-                save_model(version_dir, SSNMean(ema.module), ema.module, _manifest(config, train_set, ssn_config, metrics, step, last_val - start))
+                save_model(version_dir, SSNMean(ema.module), ema.module, _manifest(config, train_set, ssn_config, metrics, step, began - start))
+            last_val = time.monotonic()
+            gap = validation_gap(config.val_every_s, last_val - began, config.val_share)
     bar.close()
     return version_dir
