@@ -26,7 +26,7 @@ class Executor:
     def __init__(self, models: ModelPool, metrics: Metrics, decode_batch: int, memory_budget: int) -> None:
         self.models, self.metrics, self.decode_batch, self.memory_budget = models, metrics, decode_batch, memory_budget
 
-    def execute(self, batch: list[Delivery], computed: Callable[[], None] | None = None) -> None:
+    def execute(self, batch: list[Delivery], computed: Callable[[], None] = lambda: None) -> None:
         """Run the batch; ``computed`` is called once its last sampler call has ended, before that
         call's jobs are answered."""
         live = self._live(batch)
@@ -39,7 +39,7 @@ class Executor:
             groups[delivery.job.group_key].append(delivery)
         parts = [part for group in groups.values() for part in self._fit(group)]
         for i, part in enumerate(parts):
-            self._run(part, computed if i == len(parts) - 1 else None)
+            self._run(part, computed if i == len(parts) - 1 else lambda: None)
 
     def _fit(self, group: list[Delivery]) -> list[list[Delivery]]:
         """Consecutive parts of a group of one model and shape whose images, with one sample each
@@ -71,13 +71,12 @@ class Executor:
                 live.append(delivery)
         return live
 
-    def _run(self, group: list[Delivery], computed: Callable[[], None] | None = None) -> None:
+    def _run(self, group: list[Delivery], computed: Callable[[], None] = lambda: None) -> None:
         started = time.time()
         try:
             arrays = self._compute(group)
         except Stopped:
-            if computed is not None:
-                computed()
+            computed()
             for delivery in group:
                 if delivery.wanted():
                     self.metrics.count("expired")
@@ -88,18 +87,16 @@ class Executor:
         except Exception:
             if len(group) > 1:  # find the job that fails, so that the others are not failed with it
                 for i, delivery in enumerate(group):
-                    self._run([delivery], computed if i == len(group) - 1 else None)
+                    self._run([delivery], computed if i == len(group) - 1 else lambda: None)
                 return
-            if computed is not None:
-                computed()
+            computed()
             job = group[0].job
             log.exception("inference failed for job %s (%s v%s)", job.id, job.model, job.version)
             self.metrics.count("failed")
             group[0].failed(InferenceFailed(f"inference failed for job {job.id}; see the worker log"))
             return
         compute = time.time() - started
-        if computed is not None:
-            computed()
+        computed()
         self.metrics.compute_seconds.labels(group[0].job.model).observe(compute)
         for delivery, outputs in zip(group, arrays, strict=True):
             wait = started - delivery.job.enqueued

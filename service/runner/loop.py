@@ -51,12 +51,13 @@ class _Busy:
         """Count one more runner busy; the returned release (once, whatever calls it) uncounts it."""
         with self._lock:
             self._count += 1
-        released = threading.Event()
+        released = False
 
         def release() -> None:
+            nonlocal released
             with self._lock:
-                if not released.is_set():
-                    released.set()
+                if not released:
+                    released = True
                     self._count -= 1
 
         return release
