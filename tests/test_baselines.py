@@ -61,3 +61,23 @@ def test_ged_16_is_the_same_with_or_without_the_large_sample(car, halo):
     large = evaluate(car, few, n_samples=4, n_large=10).summary
     assert small["ged_4"] == pytest.approx(large["ged_4"])
     assert "ged_10" in large and np.isfinite(large["ged_10"])
+
+
+def test_per_kind_p_f_is_fs_own_and_says_whose_the_error_is(car, halo):
+    # two samplers on one F: the same p_F per kind, whatever their samples do with it
+    ours = evaluate(car, halo, n_samples=16)
+    deterministic = evaluate(baseline(car, "deterministic"), halo, n_samples=16)
+    expected: dict[str, list[float]] = {}
+    for case in halo:
+        p_f = sample(car, car.prepare([case.image]), [1], [0], (P_F,))[0][P_F].numpy()
+        for event in case.truth.events:
+            expected.setdefault(event.kind, []).append(float(p_f[event.on_label][event.region].mean()))
+    assert set(ours.per_kind) == set(expected)
+    for kind, row in ours.per_kind.items():
+        assert row["p_f"] == pytest.approx(np.mean(expected[kind]), abs=1e-6)
+        assert deterministic.per_kind[kind]["p_f"] == pytest.approx(row["p_f"], abs=1e-6)
+    errors = [abs(row["p_f"] - row["true"]) for row in ours.per_kind.values()]
+    assert ours.summary["calibration_error_p_f"] == pytest.approx(np.mean(errors))
+    assert deterministic.summary["calibration_error_p_f"] == pytest.approx(ours.summary["calibration_error_p_f"])
+    # the deterministic sampler's events are all or nothing: far from F's probabilities, so its error is G's part
+    assert deterministic.summary["calibration_error"] > ours.summary["calibration_error_p_f"] + 0.1

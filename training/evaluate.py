@@ -11,7 +11,9 @@
   with the samples' certain pixels, those outside every event, set to the truth: what is left is the
   error in the ambiguous objects; the drop from ``ged_truth_16`` is what the certain structure,
   boundaries, misses and false marks, costs), ``calibration_error`` (each
-  kind's events pooled), ``event_calibration_error`` (event by event) next to
+  kind's events pooled) next to ``calibration_error_p_f`` (the same of F's probability of each
+  event's label, averaged over its region; per kind as ``p_f``: where the two differ, G's samples
+  left p_F), ``event_calibration_error`` (event by event) next to
   ``event_calibration_floor`` (what a perfect sampler scores at n = 16), ``coherence``, and, where
   some image has two or more events (independent in truth), whether the samples keep them
   independent (``metrics.event_pairs``, over every pair of an image's events): ``pairs``,
@@ -69,6 +71,8 @@ class _Tally:
         self.confidences: dict[str, list[np.ndarray]] = {"p_f": [], "samples": []}
         self.frequencies: dict[str, list[np.ndarray]] = {"p_f": [], "samples": []}
         self.records: list[tuple[str, float, np.ndarray]] = []
+        # per event kind: F's probability of each event's label, averaged over the event's region
+        self.event_p_f: dict[str, list[float]] = {}
         # per pair of one image's events: their probabilities, correlation (nan: undefined) and dependence
         self.pair_probabilities: list[tuple[float, float]] = []
         self.pair_correlations: list[float] = []
@@ -94,7 +98,9 @@ def _add_pixels(tally: _Tally, case: Case, p_f: np.ndarray, samples: np.ndarray,
             tally.frequencies[name].append(frequency[keep])
 
 
-def _add_truth(tally: _Tally, case: Case, samples: np.ndarray, n: int, classes: list[int], rng: np.random.Generator) -> None:
+def _add_truth(
+    tally: _Tally, case: Case, p_f: np.ndarray, samples: np.ndarray, n: int, classes: list[int], rng: np.random.Generator
+) -> None:
     truth = case.truth
     assert truth is not None
     tally.add(f"oracle_ged_{n}", metrics.ged(truth.sample(rng, n), case.labels, classes))
@@ -107,6 +113,7 @@ def _add_truth(tally: _Tally, case: Case, samples: np.ndarray, n: int, classes: 
     for event in truth.events:
         happened, coherence = metrics.event_outcomes(samples, event)
         tally.records.append((event.kind, event.probability, happened))
+        tally.event_p_f.setdefault(event.kind, []).append(float(p_f[event.on_label][event.region].mean()))
         tally.add("coherence", float(coherence.mean()))
         outcomes.append(happened)
     if len(outcomes) >= 2:
@@ -154,9 +161,10 @@ def evaluate(
         tally.add(f"diversity_{n}", metrics.diversity(samples, classes))
         if n_large is not None:
             tally.add(f"ged_{n_large}", metrics.ged(drawn, case.labels, classes))
-        _add_pixels(tally, case, out[P_F].cpu().numpy(), samples, classes)
+        p_f = out[P_F].cpu().numpy()
+        _add_pixels(tally, case, p_f, samples, classes)
         if case.truth is not None:
-            _add_truth(tally, case, samples, n, classes, rng)
+            _add_truth(tally, case, p_f, samples, n, classes, rng)
         if progress is not None:
             progress(1)
     summary: dict[str, Any] = {"n_samples": n, "cases": len(dataset)}
@@ -174,6 +182,11 @@ def evaluate(
     per_kind: dict[str, dict[str, float]] = {}
     if tally.records:
         summary["calibration_error"], per_kind = metrics.calibration_error(tally.records)
+        for kind, row in per_kind.items():
+            row["p_f"] = float(np.mean(tally.event_p_f[kind]))
+        # the same error of F's probabilities: next to calibration_error it says whose error it is,
+        # F's (train F further) or G's (its samples leave p_F)
+        summary["calibration_error_p_f"] = float(np.mean([abs(row["p_f"] - row["true"]) for row in per_kind.values()]))
         summary["event_calibration_error"] = metrics.event_calibration_error(tally.records)
         summary["event_calibration_floor"] = metrics.perfect_sampler_floor([p for _, p, _ in tally.records], n)
     if tally.pair_dependences:
