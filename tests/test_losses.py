@@ -37,6 +37,25 @@ def test_calibration_loss_still_pulls_when_the_samples_saturate():
     assert (grad[0, :, 0] < -0.05).all() and (grad[0, :, 1] > 0.05).all()
 
 
+def test_sample_entropy_is_zero_for_committed_samples_and_log_c_for_uniform_ones():
+    committed = torch.tensor([-30.0, 30.0]).view(1, 1, 2, 1, 1).repeat(1, 3, 1, 2, 2)
+    assert losses.sample_entropy(committed).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.sample_entropy(torch.zeros(2, 3, 4, 5, 5)).item() == pytest.approx(math.log(4), rel=1e-6)
+
+
+def test_soft_samples_meet_l_cal_but_the_entropy_makes_them_commit():
+    """Eight samples all at (0.4, 0.6) meet L_cal against p_F (0.4, 0.6) exactly, yet every one's
+    argmax is class 1: the served masks mark the pixel 8 times in 8, not 0.6. The entropy's
+    gradient moves each sample away from the middle, towards the class it leans to."""
+    p_f = torch.tensor([0.4, 0.6]).view(1, 2, 1, 1)
+    logits = p_f.log()[:, None].repeat(1, 8, 1, 1, 1).requires_grad_(True)
+    assert losses.calibration_loss(logits, p_f, forward_weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
+    assert (logits.argmax(dim=2) == 1).all()
+    (grad,) = torch.autograd.grad(losses.sample_entropy(logits), logits)
+    # descending it widens the lead of class 1 in every sample
+    assert ((grad[0, :, 1] - grad[0, :, 0]) < -1e-3).all()
+
+
 def test_generator_adversarial_loss_non_saturating():
     assert losses.generator_adversarial_loss(torch.zeros(4)).item() == pytest.approx(math.log(2))
     assert losses.generator_adversarial_loss(torch.full((4,), 10.0)).item() < 1e-3

@@ -53,6 +53,7 @@ def _train(args: argparse.Namespace) -> None:
         minutes=args.minutes,
         size=args.size,
         lambda_cal=args.lambda_cal,
+        lambda_sharp=args.lambda_sharp,
         lambda_adv=args.lambda_adv,
         lr_g=args.lr_g,
         lr_d=args.lr_d,
@@ -84,7 +85,7 @@ def _print_evaluation(title: str, result: Evaluation) -> None:
     for key, value in rows:
         print(f"  {key:<{width}}  {value}")  # noqa: T201
     for kind, row in result.per_kind.items():
-        print(f"  {kind:<{width}}  predicted {row['predicted']:.3f}  true {row['true']:.3f}  ({row['events']} events)")  # noqa: T201
+        print(f"  {kind:<{width}}  predicted {row['predicted']:.3f}  p_F {row['p_f']:.3f}  true {row['true']:.3f}  ({row['events']} events)")  # noqa: T201
     for name, diagram in result.reliability.items():
         print(f"  reliability of {name} (ambiguous pixels): bin, pixels, mean p, observed")  # noqa: T201
         bins = len(diagram.counts)
@@ -175,6 +176,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--minutes", type=float)
     p.add_argument("--size", type=int, help="train on random square crops of this side")
     p.add_argument("--lambda-cal", type=float, default=_TRAIN_DEFAULTS["lambda_cal"], help="weight of L_cal (0 = the ablation)")
+    p.add_argument(
+        "--lambda-sharp", type=float, default=_TRAIN_DEFAULTS["lambda_sharp"], help="weight of each sample's own entropy, which makes samples commit"
+    )
     p.add_argument("--lambda-adv", type=float, default=_TRAIN_DEFAULTS["lambda_adv"], help="weight of L_adv (0 = CAR without D: D is not run)")
     p.add_argument("--lr-g", type=float, default=_TRAIN_DEFAULTS["lr_g"], help="G's learning rate")
     p.add_argument("--lr-d", type=float, default=_TRAIN_DEFAULTS["lr_d"], help="D's learning rate")

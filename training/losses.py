@@ -38,6 +38,16 @@ def calibration_loss(sample_logits: Tensor, p_f: Tensor, forward_weight: float =
     return reverse + forward_weight * forward
 
 
+def sample_entropy(sample_logits: Tensor) -> Tensor:
+    """Mean over samples and pixels of each sample's own entropy H(softmax(logits)), in nats:
+    sample_logits (B, n, C, H, W). L_cal holds the mean of the soft samples to p_F, but what a user
+    gets is each sample's argmax; a G whose samples all sit at 0.6 meets L_cal and serves the reading
+    in every mask. Penalising this entropy makes each sample commit, so the share of masks that mark
+    a pixel is the mean that L_cal calibrates."""
+    log_p = sample_logits.float().log_softmax(dim=2)
+    return -(log_p.exp() * log_p).sum(dim=2).mean()
+
+
 def generator_adversarial_loss(fake_logits: Tensor) -> Tensor:
     """Non-saturating: BCE(D(x, G(x, z)), 1), averaged over every sample (and patch)."""
     return nnf.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
