@@ -71,8 +71,8 @@ class _Tally:
         self.confidences: dict[str, list[np.ndarray]] = {"p_f": [], "samples": []}
         self.frequencies: dict[str, list[np.ndarray]] = {"p_f": [], "samples": []}
         self.records: list[tuple[str, float, np.ndarray]] = []
-        # per event kind: F's probability of each event's label, averaged over the event's region
-        self.event_p_f: dict[str, list[float]] = {}
+        # the same events judged by F: its probability of each event's label, averaged over the region
+        self.records_p_f: list[tuple[str, float, np.ndarray]] = []
         # per pair of one image's events: their probabilities, correlation (nan: undefined) and dependence
         self.pair_probabilities: list[tuple[float, float]] = []
         self.pair_correlations: list[float] = []
@@ -113,7 +113,7 @@ def _add_truth(
     for event in truth.events:
         happened, coherence = metrics.event_outcomes(samples, event)
         tally.records.append((event.kind, event.probability, happened))
-        tally.event_p_f.setdefault(event.kind, []).append(float(p_f[event.on_label][event.region].mean()))
+        tally.records_p_f.append((event.kind, event.probability, p_f[event.on_label][event.region].mean(keepdims=True)))
         tally.add("coherence", float(coherence.mean()))
         outcomes.append(happened)
     if len(outcomes) >= 2:
@@ -182,11 +182,11 @@ def evaluate(
     per_kind: dict[str, dict[str, float]] = {}
     if tally.records:
         summary["calibration_error"], per_kind = metrics.calibration_error(tally.records)
-        for kind, row in per_kind.items():
-            row["p_f"] = float(np.mean(tally.event_p_f[kind]))
         # the same error of F's probabilities: next to calibration_error it says whose error it is,
         # F's (train F further) or G's (its samples leave p_F)
-        summary["calibration_error_p_f"] = float(np.mean([abs(row["p_f"] - row["true"]) for row in per_kind.values()]))
+        summary["calibration_error_p_f"], by_f = metrics.calibration_error(tally.records_p_f)
+        for kind, row in per_kind.items():
+            row["p_f"] = by_f[kind]["predicted"]
         summary["event_calibration_error"] = metrics.event_calibration_error(tally.records)
         summary["event_calibration_floor"] = metrics.perfect_sampler_floor([p for _, p, _ in tally.records], n)
     if tally.pair_dependences:
