@@ -56,6 +56,32 @@ def test_soft_samples_meet_l_cal_but_the_entropy_makes_them_commit():
     assert ((grad[0, :, 1] - grad[0, :, 0]) < -1e-3).all()
 
 
+def test_served_calibration_loss_hand_value_and_zero_at_a_calibrated_share():
+    """Value: the argmax masks' share against p_F, squared and summed over classes. Three of four
+    samples mark the pixel where p_F says 0.75: zero; p_F 0.5 there: 2 * 0.25^2."""
+    logits = torch.tensor([[-5.0, 5.0], [-5.0, 5.0], [-5.0, 5.0], [5.0, -5.0]]).view(1, 4, 2, 1, 1)
+    assert losses.served_calibration_loss(logits, torch.tensor([0.25, 0.75]).view(1, 2, 1, 1)).item() == pytest.approx(0.0, abs=1e-6)
+    half = torch.tensor([0.5, 0.5]).view(1, 2, 1, 1)
+    assert losses.served_calibration_loss(logits, half).item() == pytest.approx(2 * 0.25**2, rel=1e-5)
+
+
+def test_served_calibration_pulls_soft_samples_that_meet_l_cal_towards_the_minority_reading():
+    """The cells failure: eight samples at (0.6, 0.4) against p_F (0.6, 0.4) meet L_cal, but none
+    marks the pixel. The served term sees 0 masks of 8 against 0.4 and its gradient raises class 1
+    in every sample (straight-through the softmax); a saturated pixel gets next to no gradient."""
+    p_f = torch.tensor([0.6, 0.4]).view(1, 2, 1, 1)
+    logits = p_f.log()[:, None].repeat(1, 8, 1, 1, 1).requires_grad_(True)
+    assert losses.calibration_loss(logits, p_f, forward_weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
+    served = losses.served_calibration_loss(logits, p_f)
+    assert served.item() == pytest.approx(2 * 0.4**2, rel=1e-5)
+    (grad,) = torch.autograd.grad(served, logits)
+    assert ((grad[0, :, 1] - grad[0, :, 0]) < -1e-3).all()  # descending it raises class 1's lead
+
+    saturated = torch.tensor([12.0, -12.0]).view(1, 1, 2, 1, 1).repeat(1, 8, 1, 1, 1).requires_grad_(True)
+    (grad,) = torch.autograd.grad(losses.served_calibration_loss(saturated, p_f), saturated)
+    assert grad.abs().max().item() < 1e-9
+
+
 def test_generator_adversarial_loss_non_saturating():
     assert losses.generator_adversarial_loss(torch.zeros(4)).item() == pytest.approx(math.log(2))
     assert losses.generator_adversarial_loss(torch.full((4,), 10.0)).item() < 1e-3

@@ -23,6 +23,10 @@ class TrainConfig:
     # membranes as soft as before (calibration 0.098 against 0.106 / 0.130 for two seeds without),
     # and on halo it ended behind at equal compute (GED_16 0.197 against 0.182; README, cells)
     lambda_sharp: float = 0.0
+    # weight of losses.served_calibration_loss (the argmax masks' share against p_F); off: at 5-100
+    # on cells the faint membranes stayed as mis-served as without (pooled error 0.089-0.115 against
+    # 0.106 / 0.130 for two seeds; README, cells), as D pushes them harder than any calibration term
+    lambda_served: float = 0.0
     cal_forward_weight: float = 1.0  # weight of KL(p_F || mean G) inside L_cal (ours; 0 = paper)
     lr_f: float = 2e-4
     # G at 1e-3: with the prior skip G starts at p_F, where only D's gradient moves it, and Adam
