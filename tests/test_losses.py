@@ -60,9 +60,9 @@ def test_served_calibration_loss_hand_value_and_zero_at_a_calibrated_share():
     """Value: the argmax masks' share against p_F, squared and summed over classes. Three of four
     samples mark the pixel where p_F says 0.75: zero; p_F 0.5 there: 2 * 0.25^2."""
     logits = torch.tensor([[-5.0, 5.0], [-5.0, 5.0], [-5.0, 5.0], [5.0, -5.0]]).view(1, 4, 2, 1, 1)
-    assert losses.served_calibration_loss(logits, torch.tensor([0.25, 0.75]).view(1, 2, 1, 1)).item() == pytest.approx(0.0, abs=1e-6)
+    assert losses.served_calibration_loss(logits.softmax(2), torch.tensor([0.25, 0.75]).view(1, 2, 1, 1)).item() == pytest.approx(0.0, abs=1e-6)
     half = torch.tensor([0.5, 0.5]).view(1, 2, 1, 1)
-    assert losses.served_calibration_loss(logits, half).item() == pytest.approx(2 * 0.25**2, rel=1e-5)
+    assert losses.served_calibration_loss(logits.softmax(2), half).item() == pytest.approx(2 * 0.25**2, rel=1e-5)
 
 
 def test_served_calibration_pulls_soft_samples_that_meet_l_cal_towards_the_minority_reading():
@@ -72,13 +72,13 @@ def test_served_calibration_pulls_soft_samples_that_meet_l_cal_towards_the_minor
     p_f = torch.tensor([0.6, 0.4]).view(1, 2, 1, 1)
     logits = p_f.log()[:, None].repeat(1, 8, 1, 1, 1).requires_grad_(True)
     assert losses.calibration_loss(logits, p_f, forward_weight=1.0).item() == pytest.approx(0.0, abs=1e-6)
-    served = losses.served_calibration_loss(logits, p_f)
+    served = losses.served_calibration_loss(logits.softmax(2), p_f)
     assert served.item() == pytest.approx(2 * 0.4**2, rel=1e-5)
     (grad,) = torch.autograd.grad(served, logits)
     assert ((grad[0, :, 1] - grad[0, :, 0]) < -1e-3).all()  # descending it raises class 1's lead
 
     saturated = torch.tensor([12.0, -12.0]).view(1, 1, 2, 1, 1).repeat(1, 8, 1, 1, 1).requires_grad_(True)
-    (grad,) = torch.autograd.grad(losses.served_calibration_loss(saturated, p_f), saturated)
+    (grad,) = torch.autograd.grad(losses.served_calibration_loss(saturated.softmax(2), p_f), saturated)
     assert grad.abs().max().item() < 1e-9
 
 

@@ -25,7 +25,7 @@ class TrainConfig:
     lambda_sharp: float = 0.0
     # weight of losses.served_calibration_loss (the argmax masks' share against p_F); off: at 5-100
     # on cells the faint membranes stayed as mis-served as without (pooled error 0.089-0.115 against
-    # 0.106 / 0.130 for two seeds; README, cells), as D pushes them harder than any calibration term
+    # 0.106 / 0.130 for two seeds; README, cells)
     lambda_served: float = 0.0
     cal_forward_weight: float = 1.0  # weight of KL(p_F || mean G) inside L_cal (ours; 0 = paper)
     lr_f: float = 2e-4

@@ -48,9 +48,10 @@ def sample_entropy(sample_logits: Tensor) -> Tensor:
     return -(log_p.exp() * log_p).sum(dim=2).mean()
 
 
-def served_calibration_loss(sample_logits: Tensor, p_f: Tensor) -> Tensor:
+def served_calibration_loss(sample_probs: Tensor, p_f: Tensor) -> Tensor:
     """Mean over pixels of the squared distance between the share of the n samples' argmax masks in
-    each class and p_F: sample_logits (B, n, C, H, W), p_f (B, C, H, W) detached by the caller.
+    each class and p_F: sample_probs (B, n, C, H, W) float32 softmax (the caller has it for D
+    already), p_f (B, C, H, W) detached by the caller.
 
     L_cal holds the mean of the *soft* samples to p_F, but a user gets each sample's argmax: on cells'
     faint membranes G met L_cal with every sample near p_F (entropy 0.61-0.71 nats), so the masks
@@ -59,9 +60,8 @@ def served_calibration_loss(sample_logits: Tensor, p_f: Tensor) -> Tensor:
     sample is saturated the softmax gives it none, so certain pixels stay as they are. Squared rather
     than KL: a share of 0 or 1 out of n is common and finite here, and the gradient, 2 (share - p_F),
     is zero in expectation at a calibrated sampler whatever n is (KL of an n-sample mean is not)."""
-    probs = sample_logits.float().softmax(dim=2)
-    hard = nnf.one_hot(probs.argmax(dim=2), probs.shape[2]).movedim(-1, 2).to(probs.dtype)
-    share = (hard + probs - probs.detach()).mean(dim=1)  # (B, C, H, W)
+    hard = nnf.one_hot(sample_probs.argmax(dim=2), sample_probs.shape[2]).movedim(-1, 2).to(sample_probs.dtype)
+    share = (hard + sample_probs - sample_probs.detach()).mean(dim=1)  # (B, C, H, W)
     return (share - p_f).pow(2).sum(dim=1).mean()
 
 

@@ -227,7 +227,7 @@ def _step(
         loss_g = loss_g + config.lambda_sharp * loss_sharp
         log["loss_sharp"] = loss_sharp.item()
     if config.lambda_served > 0:
-        loss_served = losses.served_calibration_loss(logits_g, p_f)
+        loss_served = losses.served_calibration_loss(probs, p_f)
         loss_g = loss_g + config.lambda_served * loss_served
         log["loss_served"] = loss_served.item()
     adversarial = config.lambda_adv > 0  # lambda_adv 0 is the ablation without D: D is not run at all
