@@ -68,3 +68,13 @@ def test_missing_manifest_keys_and_files(tmp_path):
         load_model(folder)
     with pytest.raises(CheckpointError, match="neither a version folder"):
         load_model(tmp_path / "nothing")
+
+
+def test_a_new_model_rounds_and_one_saved_before_the_rule_keeps_the_argmax(tmp_path):
+    _save(tmp_path / "m" / "1")
+    assert load_model(tmp_path / "m").networks.decision == "rounding"  # the default architecture's rule
+    manifest_path = tmp_path / "m" / "1" / "manifest.json"
+    manifest = json.loads(manifest_path.read_text())
+    del manifest["architecture"]["refinement"]["decision"]  # as written before the field existed
+    manifest_path.write_text(json.dumps(manifest))
+    assert load_model(tmp_path / "m").networks.decision == "argmax"

@@ -105,6 +105,8 @@ def _evaluate(args: argparse.Namespace) -> None:
 
     model = load_model(Path(args.checkpoint), _device(args.device))
     networks = model.networks if args.method == "model" else baseline(model.networks, args.method)
+    if args.decision != "model":
+        networks = dataclasses.replace(networks, decision_override=args.decision)
     dataset = open_dataset(args.data, args.split, length=args.cases)
     if list(dataset.classes) != model.classes:
         raise SystemExit(f"data classes {list(dataset.classes)} differ from the model's {model.classes}")
@@ -112,7 +114,10 @@ def _evaluate(args: argparse.Namespace) -> None:
     result = evaluate(networks, dataset, n_samples=args.samples, n_large=large)
     method = model.manifest.get("method", "car") if args.method == "model" else args.method
     _print_evaluation(f"{model.name} v{model.version} ({method}) on {args.data} [{args.split}]", result)
-    report = {**result.to_json(), "method": method, "model": model.name, "version": model.version, "data": args.data, "split": args.split}
+    report = {
+        **result.to_json(), "method": method, "decision": networks.decision, "model": model.name, "version": model.version,
+        "data": args.data, "split": args.split,
+    }
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
@@ -221,6 +226,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--method", default="model", choices=("model", "independent", "deterministic"),
         help="the checkpoint's own sampler, or a baseline built on its F (training.baselines)",
+    )
+    p.add_argument(
+        # training.sampling.DECISIONS, spelled out: registering the commands imports no torch
+        "--decision", default="model", choices=("model", "argmax", "rounding"),
+        help="how soft samples become label maps: the model's own (G's config), argmax or rounding (training.sampling)",
     )
     p.add_argument("--cases", type=int, help="synthetic: how many cases (default 200 for test)")
     p.add_argument("--json")

@@ -131,10 +131,16 @@ class RefinementConfig:
     noise: str = "global"
     doubt_threshold: float = 0.05  # "regions": a pixel is in doubt where F's top class is below 1 - this
     region_grow: int = 2  # "regions": pixels a region of doubt is grown by, so one lesion's pieces join
+    # how a soft sample becomes the label map a user gets (training.sampling.DECISIONS): "argmax"
+    # (the paper's, and every checkpoint made before the rule existed) or "rounding", one uniform
+    # per sample and region of doubt cut through the sample's class probabilities there
+    decision: str = "argmax"
 
     def __post_init__(self) -> None:
         if self.noise not in ("global", "regions"):
             raise ValueError(f"noise must be 'global' or 'regions', got {self.noise!r}")
+        if self.decision not in ("argmax", "rounding"):
+            raise ValueError(f"decision must be 'argmax' or 'rounding', got {self.decision!r}")
 
     @property
     def stride(self) -> int:
@@ -296,7 +302,7 @@ class ArchitectureConfig:
     def default(cls, in_channels: int, num_classes: int) -> ArchitectureConfig:
         return cls(
             calibration=CalibrationConfig(in_channels, num_classes),
-            refinement=RefinementConfig(in_channels, num_classes, noise="regions"),
+            refinement=RefinementConfig(in_channels, num_classes, noise="regions", decision="rounding"),
             discriminator=DiscriminatorConfig(in_channels, num_classes),
         )
 

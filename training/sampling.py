@@ -9,6 +9,16 @@ Only the outputs asked for are computed, and no soft sample is kept: each decode
 into per-image statistics (the mean of the soft samples, their squared deviations, their entropies),
 from which the uncertainty maps come once per image at the end. Memory is the labels (k x H x W
 bytes per image) plus a few (C, H, W) maps, whatever k is.
+
+A soft sample becomes a label map by one of ``DECISIONS``. ``argmax`` is the paper's. It serves
+the majority reading wherever G's sample stayed soft: on cells' faint membranes G's soft samples
+averaged p_F's 0.17 and 0.61, but 0.02-0.10 and 0.79-0.83 of the argmax masks marked them.
+``rounding`` draws one uniform u per sample and region of doubt (``training.noise_field``; F's sure
+pixels keep the argmax) and gives each pixel the class at which the sample's cumulative class
+probabilities pass u. A pixel is then marked with exactly the sample's probability, so the masks'
+shares are the soft samples' mean, which L_cal holds to p_F. A region's pixels share u, so a ring
+that stayed soft is marked whole or not at all, and two regions' u are independent, as their noise
+is. Where G's sample is saturated, rounding and argmax agree.
 """
 
 from __future__ import annotations
@@ -29,6 +39,9 @@ from training.manifest import Normalisation
 from training.networks import CalibrationNet, RefinementNet
 
 _LOG_EPS = 1e-12
+
+ARGMAX, ROUNDING = "argmax", "rounding"
+DECISIONS = (ARGMAX, ROUNDING)  # how a soft sample becomes a label map: see the module's docstring
 
 LABELS = "labels"  # (k, H, W) uint8: one label map per sample
 P_F = "p_f"  # (C, H, W): F's calibrated class probabilities
@@ -75,10 +88,20 @@ class Networks:
     calibration: CalibrationNet
     refinement: RefinementNet
     normalisation: Normalisation
+    decision_override: str | None = None  # one of DECISIONS instead of G's own (an evaluation's A/B)
 
     @property
     def device(self) -> torch.device:
         return next(self.calibration.parameters()).device
+
+    @property
+    def decision(self) -> str:
+        """How soft samples become label maps: the override, else G's config's (baselines and the
+        SSN, whose configs have none, and every checkpoint made before the rule existed: argmax)."""
+        decision = self.decision_override or getattr(self.refinement.config, "decision", ARGMAX)
+        if decision not in DECISIONS:
+            raise ValueError(f"unknown decision {decision!r}; expected one of {DECISIONS}")
+        return decision
 
     def prepare(self, images: Sequence[np.ndarray]) -> Tensor:
         """Images of one shape, (H, W, C) as stored (uint8, uint16 or float in [0, 1]) -> the
@@ -117,6 +140,11 @@ class MemoryModel:
             # used for needs (the chunk is sized before the regions are known)
             per_image += 8 + 8 + 4 + int(1.4 * (noise_field.MAX_SHARED_REGIONS + 1))
             per_sample += 4 * 2 * config.noise_dim + 8
+        if networks.decision == ROUNDING:
+            # per image its region labels (int64); per sample its thresholds' map, the soft sample's
+            # cumulative probabilities and the comparison's copies
+            per_image += 8
+            per_sample += 4 + 4 * 2 * classes + 8
         return cls(per_image=per_image, per_sample=per_sample)
 
     def fixed(self, pixels: int, k: int) -> int:
@@ -162,12 +190,45 @@ def region_vectors(z: Tensor, counts: Sequence[int]) -> Tensor:
     return table
 
 
-def row_generator(z: Tensor) -> torch.Generator:
+def row_generator(z: Tensor, salt: bytes = b"") -> torch.Generator:
     """A CPU generator keyed by one sample's noise vector, for samplers that draw per-pixel noise
     as well (the SSN's diagonal, independent per-pixel sampling): drawn from it, that noise is the
-    same for (image, seed, sample index) alone, in any batch, chunk or device, as z itself is."""
-    digest = hashlib.blake2b(z.detach().float().cpu().numpy().tobytes(), digest_size=8).digest()
+    same for (image, seed, sample index) alone, in any batch, chunk or device, as z itself is.
+    ``salt`` keys a second stream of the same row, independent of the first (two generators of one
+    seed would draw the same uniforms)."""
+    digest = hashlib.blake2b(z.detach().float().cpu().numpy().tobytes() + salt, digest_size=8).digest()
     return torch.Generator().manual_seed(int.from_bytes(digest, "little"))
+
+
+def region_thresholds(z: Tensor, counts: Sequence[int], per_region: bool) -> Tensor:
+    """The rounding's uniforms: per sample row j (its own noise vector z_j, ``counts[j]`` regions
+    of doubt in its image), (rows, R + 1) float32 on the CPU, column 0 -1 (F's sure pixels: argmax),
+    columns 1..counts[j] one uniform per region, or one shared by every region where G's noise is one
+    global vector (its regions are decided together anyway), from a generator keyed by z_j, so they
+    depend on (image, seed, sample index) alone."""
+    table = torch.full((z.shape[0], max(counts, default=0) + 1), -1.0)
+    for j, (row, count) in enumerate(zip(z.cpu(), counts, strict=True)):
+        if count:
+            u = torch.rand(count if per_region else 1, generator=row_generator(row, b"rounding"))
+            table[j, 1 : count + 1] = u
+    return table
+
+
+def decide(logits: Tensor, thresholds: Tensor | None) -> Tensor:
+    """Label maps (n, H, W) int64 or bool from logits (n, C, H, W). ``thresholds`` None: the argmax
+    (for two classes a comparison, several times faster, with the same tie rule: class 0); else
+    (n, H, W) uniforms, negative where the argmax is kept: the first class whose cumulative
+    probability exceeds the pixel's uniform."""
+    two = logits.shape[1] == 2
+    top = logits[:, 1] > logits[:, 0] if two else logits.argmax(dim=1)
+    if thresholds is None:
+        return top
+    probs = logits.softmax(dim=1)
+    if two:
+        rounded = probs[:, 0] < thresholds
+    else:
+        rounded = (probs.cumsum(dim=1)[:, :-1] < thresholds[:, None]).sum(dim=1)
+    return torch.where(thresholds < 0, top, rounded)
 
 
 def _pad_to(x: Tensor, stride: int) -> tuple[Tensor, int, int]:
@@ -207,14 +268,13 @@ class _Stats:
             self.fg_probs = [torch.zeros(num_classes, size, device=device) for size in sizes]
             self.fg_entropies = [torch.zeros(size, device=device) for size in sizes]
 
-    def add(self, start: int, logits: Tensor) -> None:
+    def add(self, start: int, logits: Tensor, thresholds: Tensor | None = None) -> None:
         """``logits`` (n, C, H, W): the samples ``start .. start + n`` of the flat, image-major list.
-        The labels come from the logits (softmax keeps their order; for two classes a comparison,
-        several times faster than argmax, with the same tie rule: class 0); the soft samples only
-        where a statistic needs them."""
+        The labels come from the logits (``decide``, with the rounding's ``thresholds`` (n, H, W) if
+        given); the soft samples only where a statistic needs them."""
         end = start + logits.shape[0]
         if self.labels is not None:
-            self.labels[start:end] = logits[:, 1] > logits[:, 0] if logits.shape[1] == 2 else logits.argmax(dim=1)
+            self.labels[start:end] = decide(logits, thresholds)
         if self.mean is None and self.entropies is None and self.foregrounds is None:
             return
         probs = logits.softmax(dim=1) if self.mean is not None or self.entropies is not None else None
@@ -349,14 +409,21 @@ def sample(
     z = torch.cat([noise(seed, k, refinement.config.noise_dim) for seed, k in zip(seeds, ks, strict=True)])
     rows = torch.repeat_interleave(torch.arange(len(ks), device=device), torch.tensor(list(ks), device=device))
     regions = _region_noise(refinement)
-    if regions:
+    rounding = networks.decision == ROUNDING and LABELS in needed
+    thresholds = None
+    if regions or rounding:
         # found on the image's own pixels, not the padding, which could join two regions; a pixel
         # within rounding of the threshold (p_F differs by ~1e-8 between batches, more between
         # devices) could still add or drop a region, which happens too rarely to have been seen
         config = refinement.config
-        region_labels, counts = noise_field.doubt_regions(p_f[..., :h, :w], config.doubt_threshold, config.region_grow)
+        threshold = getattr(config, "doubt_threshold", noise_field.DEFAULT_THRESHOLD)
+        grow = getattr(config, "region_grow", noise_field.DEFAULT_GROW)
+        region_labels, counts = noise_field.doubt_regions(p_f[..., :h, :w], threshold, grow)
+        row_counts = [counts[i] for i in rows.tolist()]
+        thresholds = region_thresholds(z, row_counts, per_region=regions).to(device) if rounding else None
         region_labels = nnf.pad(region_labels, (0, padded.shape[-1] - w, 0, padded.shape[-2] - h))
-        z = region_vectors(z, [counts[i] for i in rows.tolist()])
+    if regions:
+        z = region_vectors(z, row_counts)
     z = z.to(device)
     chunk = decode_batch
     if memory_budget is not None:
@@ -389,5 +456,9 @@ def sample(
                 logits = refinement.decode([f[idx] for f in feats], noise_in)
             else:
                 logits = refinement.decode_shared(shared, take, noise_in)
-        stats.add(start, logits.float()[..., :h, :w])
+        cut = None
+        if thresholds is not None:
+            block = thresholds[start : start + chunk]
+            cut = block[torch.arange(block.shape[0], device=device)[:, None, None], region_labels[idx][..., :h, :w]]
+        stats.add(start, logits.float()[..., :h, :w], cut)
     return _summarise(stats, p_f[..., :h, :w], needed, wanted)
