@@ -144,20 +144,6 @@ def test_without_l_adv_d_is_neither_run_nor_trained_and_g_still_is():
     assert not _same(g_before, _weights(nets.refinement))
 
 
-def test_the_served_term_alone_trains_g_when_on():
-    """``lambda_served`` adds the argmax masks' calibration to G's loss: with L_cal and L_adv off, G's
-    gradient comes only through it (straight-through)."""
-    torch.manual_seed(0)
-    config = replace(_config(Path("unused"), 1), lambda_cal=0.0, lambda_adv=0.0, lambda_served=5.0)
-    nets = _build(config, ArchitectureConfig.from_dict(TINY), torch.device("cpu"))
-    torch.nn.init.normal_(nets.refinement.head.weight)  # off the prior-skip start, where G serves p_F's argmax
-    image, label = torch.randn(2, 3, 32, 32), torch.randint(9, (2, 32, 32))
-    log = _step(config, nets, image, label, train_g=True, d_accuracy=0.5)
-    assert set(log) == {"loss_f", "loss_cal", "loss_served"} and log["loss_served"] > 0
-    # a gradient, not just weight decay, reached G
-    assert nets.refinement.head.weight.grad.abs().sum().item() > 0
-
-
 @pytest.fixture(scope="module")
 def base_model(tmp_path_factory):
     """A tiny CAR model (folder ``base``) trained for two steps on synthetic:flips."""

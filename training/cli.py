@@ -53,8 +53,6 @@ def _train(args: argparse.Namespace) -> None:
         minutes=args.minutes,
         size=args.size,
         lambda_cal=args.lambda_cal,
-        lambda_sharp=args.lambda_sharp,
-        lambda_served=args.lambda_served,
         lambda_adv=args.lambda_adv,
         lr_g=args.lr_g,
         lr_d=args.lr_d,
@@ -182,15 +180,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     budget.add_argument("--minutes", type=float)
     p.add_argument("--size", type=int, help="train on random square crops of this side")
     p.add_argument("--lambda-cal", type=float, default=_TRAIN_DEFAULTS["lambda_cal"], help="weight of L_cal (0 = the ablation)")
-    p.add_argument(
-        "--lambda-sharp", type=float, default=_TRAIN_DEFAULTS["lambda_sharp"], help="weight of each sample's own entropy, which makes samples commit"
-    )
-    p.add_argument(
-        "--lambda-served",
-        type=float,
-        default=_TRAIN_DEFAULTS["lambda_served"],
-        help="weight of the served masks' calibration to p_F (argmax share, straight-through)",
-    )
     p.add_argument("--lambda-adv", type=float, default=_TRAIN_DEFAULTS["lambda_adv"], help="weight of L_adv (0 = CAR without D: D is not run)")
     p.add_argument("--lr-g", type=float, default=_TRAIN_DEFAULTS["lr_g"], help="G's learning rate")
     p.add_argument("--lr-d", type=float, default=_TRAIN_DEFAULTS["lr_d"], help="D's learning rate")

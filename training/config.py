@@ -19,15 +19,11 @@ class TrainConfig:
     samples: int = 8  # n samples of G per input for L_cal and L_adv (paper: 5)
     lambda_adv: float = 10.0
     lambda_cal: float = 5.0
-    # weight of each sample's own entropy (losses.sample_entropy); off: at 5 it left cells' thin
-    # membranes as soft as before (calibration 0.098 against 0.106 / 0.130 for two seeds without),
-    # and on halo it ended behind at equal compute (GED_16 0.197 against 0.182; README, cells)
-    lambda_sharp: float = 0.0
-    # weight of losses.served_calibration_loss (the argmax masks' share against p_F); off: at 5-100
-    # on cells the faint membranes stayed as mis-served as without (pooled error 0.089-0.115 against
-    # 0.106 / 0.130 for two seeds; README, cells)
-    lambda_served: float = 0.0
-    cal_forward_weight: float = 1.0  # weight of KL(p_F || mean G) inside L_cal (ours; 0 = paper)
+    # weight of KL(p_F || mean G) inside L_cal (ours; 0 = the paper's L_cal). Off: the log of an
+    # n-sample mean makes it pull saturated samples' shares towards 1/2 (expected minimum at n = 8:
+    # 0.33 for p_F 0.25; tests/test_losses.py), and on cells it served mixed cells of p_F 0.24-0.25 /
+    # 0.75-0.76 at 0.31-0.33 / 0.69-0.70; at 0, 0.23-0.26 / 0.75-0.76 (README, cells)
+    cal_forward_weight: float = 0.0
     lr_f: float = 2e-4
     # G at 1e-3: with the prior skip G starts at p_F, where only D's gradient moves it, and Adam
     # moves each weight by ~lr per step; on flips, 8 CPU minutes (~250 G steps) took diversity to

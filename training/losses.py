@@ -25,8 +25,10 @@ def calibration_loss(sample_logits: Tensor, p_f: Tensor, forward_weight: float =
     log-sum-exp of the samples' log-softmax: clamping p_bar_G instead (the reference's way) leaves
     no gradient once the samples saturate, e.g. p_F (0.3, 0.7) against samples all at 0.9997 had
     L_cal 1.81 and gradient 0, so a reading G had dropped could never come back.
-    ``forward_weight`` adds w * KL(p_F || p_bar_G): the reverse KL alone is mode-seeking and lets
-    rare modes die (METHOD.md's feasibility notes); the forward term makes a missing mode expensive.
+    ``forward_weight`` adds w * KL(p_F || p_bar_G), which makes a missing mode expensive (the
+    reverse KL alone is mode-seeking; METHOD.md's feasibility notes) but is biased: the log of an
+    n-sample mean is infinite when no sample marks a reading, so for saturated samples it pulls the
+    shares towards 1/2 (expected minimum at n = 8: 0.33 where p_F is 0.25). Off by default.
     """
     n = sample_logits.shape[1]
     log_p_bar = torch.logsumexp(sample_logits.float().log_softmax(dim=2), dim=1) - math.log(n)  # (B, C, H, W)
@@ -36,33 +38,6 @@ def calibration_loss(sample_logits: Tensor, p_f: Tensor, forward_weight: float =
         return reverse
     forward = (log_target.exp() * (log_target - log_p_bar)).sum(dim=1).mean()
     return reverse + forward_weight * forward
-
-
-def sample_entropy(sample_logits: Tensor) -> Tensor:
-    """Mean over samples and pixels of each sample's own entropy H(softmax(logits)), in nats:
-    sample_logits (B, n, C, H, W). L_cal holds the mean of the soft samples to p_F, but what a user
-    gets is each sample's argmax; a G whose samples all sit at 0.6 meets L_cal and serves the reading
-    in every mask. Penalising this entropy makes each sample commit, so the share of masks that mark
-    a pixel is the mean that L_cal calibrates."""
-    log_p = sample_logits.float().log_softmax(dim=2)
-    return -(log_p.exp() * log_p).sum(dim=2).mean()
-
-
-def served_calibration_loss(sample_probs: Tensor, p_f: Tensor) -> Tensor:
-    """Mean over pixels of the squared distance between the share of the n samples' argmax masks in
-    each class and p_F: sample_probs (B, n, C, H, W) float32 softmax (the caller has it for D
-    already), p_f (B, C, H, W) detached by the caller.
-
-    L_cal holds the mean of the *soft* samples to p_F, but a user gets each sample's argmax: on cells'
-    faint membranes G met L_cal with every sample near p_F (entropy 0.61-0.71 nats), so the masks
-    served the majority reading (p_F 0.19 -> 0.04 of masks). This term measures the masks: its value
-    is the argmax share's, its gradient passes to the soft samples (straight-through), and where a
-    sample is saturated the softmax gives it none, so certain pixels stay as they are. Squared rather
-    than KL: a share of 0 or 1 out of n is common and finite here, and the gradient, 2 (share - p_F),
-    is zero in expectation at a calibrated sampler whatever n is (KL of an n-sample mean is not)."""
-    hard = nnf.one_hot(sample_probs.argmax(dim=2), sample_probs.shape[2]).movedim(-1, 2).to(sample_probs.dtype)
-    share = (hard + sample_probs - sample_probs.detach()).mean(dim=1)  # (B, C, H, W)
-    return (share - p_f).pow(2).sum(dim=1).mean()
 
 
 def generator_adversarial_loss(fake_logits: Tensor) -> Tensor:

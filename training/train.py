@@ -222,14 +222,6 @@ def _step(
     loss_cal = losses.calibration_loss(logits_g, p_f, config.cal_forward_weight)
     log = {**log, "loss_cal": loss_cal.item()}
     loss_g = config.lambda_cal * loss_cal
-    if config.lambda_sharp > 0:
-        loss_sharp = losses.sample_entropy(logits_g)
-        loss_g = loss_g + config.lambda_sharp * loss_sharp
-        log["loss_sharp"] = loss_sharp.item()
-    if config.lambda_served > 0:
-        loss_served = losses.served_calibration_loss(probs, p_f)
-        loss_g = loss_g + config.lambda_served * loss_served
-        log["loss_served"] = loss_served.item()
     adversarial = config.lambda_adv > 0  # lambda_adv 0 is the ablation without D: D is not run at all
     if adversarial:
         # the bare D, frozen: this pass carries G's gradient only, and through D's DDP wrapper it
