@@ -22,7 +22,8 @@ class TrainConfig:
     # weight of KL(p_F || mean G) inside L_cal (ours; 0 = the paper's L_cal). Off: the log of an
     # n-sample mean makes it pull saturated samples' shares towards 1/2 (expected minimum at n = 8:
     # 0.33 for p_F 0.25; tests/test_losses.py), and on cells it served mixed cells of p_F 0.24-0.25 /
-    # 0.75-0.76 at 0.31-0.33 / 0.69-0.70; at 0, 0.23-0.26 / 0.75-0.76 (README, cells)
+    # 0.75-0.76 at 0.31-0.33 / 0.69-0.70; at 0, 0.23-0.26 / 0.75-0.76. On halo the same pull served
+    # F's under-read faint nodules nearer the truth (pooled 0.033 against 0.075; README, cells)
     cal_forward_weight: float = 0.0
     lr_f: float = 2e-4
     # G at 1e-3: with the prior skip G starts at p_F, where only D's gradient moves it, and Adam
