@@ -118,6 +118,10 @@ class CalibrationNet(nn.Module):
         return self.head(u_net_features(self.encoder, self.ups, image))
 
 
+# how a soft sample becomes a label map (training.sampling's docstring): the paper's argmax, or rounding
+DECISIONS = ("argmax", "rounding")
+
+
 @dataclass(frozen=True)
 class RefinementConfig:
     in_channels: int
@@ -139,8 +143,8 @@ class RefinementConfig:
     def __post_init__(self) -> None:
         if self.noise not in ("global", "regions"):
             raise ValueError(f"noise must be 'global' or 'regions', got {self.noise!r}")
-        if self.decision not in ("argmax", "rounding"):
-            raise ValueError(f"decision must be 'argmax' or 'rounding', got {self.decision!r}")
+        if self.decision not in DECISIONS:
+            raise ValueError(f"decision must be one of {DECISIONS}, got {self.decision!r}")
 
     @property
     def stride(self) -> int:

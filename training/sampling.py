@@ -36,12 +36,11 @@ from torch import Tensor
 
 from training import noise_field, uncertainty_summary
 from training.manifest import Normalisation
-from training.networks import CalibrationNet, RefinementNet
+from training.networks import DECISIONS, CalibrationNet, RefinementNet
 
 _LOG_EPS = 1e-12
 
-ARGMAX, ROUNDING = "argmax", "rounding"
-DECISIONS = (ARGMAX, ROUNDING)  # how a soft sample becomes a label map: see the module's docstring
+ARGMAX, ROUNDING = DECISIONS  # how a soft sample becomes a label map: see the module's docstring
 
 LABELS = "labels"  # (k, H, W) uint8: one label map per sample
 P_F = "p_f"  # (C, H, W): F's calibrated class probabilities
@@ -214,16 +213,16 @@ def region_thresholds(z: Tensor, counts: Sequence[int], per_region: bool) -> Ten
     return table
 
 
-def decide(logits: Tensor, thresholds: Tensor | None) -> Tensor:
+def decide(logits: Tensor, thresholds: Tensor | None, probs: Tensor | None = None) -> Tensor:
     """Label maps (n, H, W) int64 or bool from logits (n, C, H, W). ``thresholds`` None: the argmax
     (for two classes a comparison, several times faster, with the same tie rule: class 0); else
     (n, H, W) uniforms, negative where the argmax is kept: the first class whose cumulative
-    probability exceeds the pixel's uniform."""
+    probability exceeds the pixel's uniform (``probs``, the logits' softmax, where the caller has it)."""
     two = logits.shape[1] == 2
     top = logits[:, 1] > logits[:, 0] if two else logits.argmax(dim=1)
     if thresholds is None:
         return top
-    probs = logits.softmax(dim=1)
+    probs = logits.softmax(dim=1) if probs is None else probs
     if two:
         rounded = probs[:, 0] < thresholds
     else:
@@ -273,11 +272,13 @@ class _Stats:
         The labels come from the logits (``decide``, with the rounding's ``thresholds`` (n, H, W) if
         given); the soft samples only where a statistic needs them."""
         end = start + logits.shape[0]
+        soft = self.mean is not None or self.entropies is not None  # statistics of the soft samples
+        rounding = thresholds is not None and self.labels is not None
+        probs = logits.softmax(dim=1) if soft or rounding else None  # once, for both
         if self.labels is not None:
-            self.labels[start:end] = decide(logits, thresholds)
-        if self.mean is None and self.entropies is None and self.foregrounds is None:
+            self.labels[start:end] = decide(logits, thresholds, probs)
+        if not soft and self.foregrounds is None:
             return
-        probs = logits.softmax(dim=1) if self.mean is not None or self.entropies is not None else None
         for image, (offset, k) in enumerate(zip(self.offsets, self.ks, strict=True)):
             lo, hi = max(start, offset), min(end, offset + k)
             if lo >= hi:
@@ -286,7 +287,7 @@ class _Stats:
                 inside = logits[lo - start : hi - start][:, :, self.foregrounds[image]].softmax(dim=1)  # (n, C, P)
                 self.fg_probs[image] += inside.sum(dim=0)
                 self.fg_entropies[image] += entropy(inside, dim=1).sum(dim=0)
-            if probs is None:
+            if not soft:
                 continue
             block = probs[lo - start : hi - start]  # (n, C, H, W), this image's samples in this chunk
             n, seen = hi - lo, self.count[image]
