@@ -421,7 +421,8 @@ def sample(
         grow = getattr(config, "region_grow", noise_field.DEFAULT_GROW)
         region_labels, counts = noise_field.doubt_regions(p_f[..., :h, :w], threshold, grow)
         row_counts = [counts[i] for i in rows.tolist()]
-        thresholds = region_thresholds(z, row_counts, per_region=regions).to(device) if rounding else None
+        if rounding:
+            thresholds = region_thresholds(z, row_counts, per_region=regions).to(device)
         region_labels = nnf.pad(region_labels, (0, padded.shape[-1] - w, 0, padded.shape[-2] - h))
     if regions:
         z = region_vectors(z, row_counts)
