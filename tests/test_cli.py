@@ -7,6 +7,7 @@ from PIL import Image
 
 from carseg.cli import main
 from tests.service_fixtures import write_tiny_model
+from training.config import TrainConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -86,15 +87,17 @@ def test_evaluate_a_baseline_built_on_the_checkpoint(tmp_path):
     assert "synthetic:halo:test:deterministic" in manifest["metrics"]
 
 
-def test_train_passes_init_and_amp_to_the_training_run(tmp_path, monkeypatch, capsys):
+def test_train_passes_init_amp_lr_f_and_weight_decay_to_the_training_run(tmp_path, monkeypatch, capsys):
     import training.train
 
     configs = []
     monkeypatch.setattr(training.train, "train", lambda config: configs.append(config) or config.out / "1")
     common = ["train", "--data", "lidc-sample", "--out", str(tmp_path / "tuned"), "--steps", "2", "--device", "cpu"]
     main([*common, "--init", str(tmp_path / "tiny")])
-    main([*common, "--no-amp"])
+    main([*common, "--no-amp", "--lr-f", "1e-3", "--weight-decay", "0"])
     assert [(c.init, c.amp) for c in configs] == [(tmp_path / "tiny", None), (None, False)]
+    defaults = TrainConfig(data="x", out=tmp_path, steps=1)
+    assert [(c.lr_f, c.weight_decay) for c in configs] == [(defaults.lr_f, defaults.weight_decay), (1e-3, 0.0)]
     assert f"best version: {tmp_path / 'tuned' / '1'}" in capsys.readouterr().out
 
 

@@ -54,8 +54,10 @@ def _train(args: argparse.Namespace) -> None:
         size=args.size,
         lambda_cal=args.lambda_cal,
         lambda_adv=args.lambda_adv,
+        lr_f=args.lr_f,
         lr_g=args.lr_g,
         lr_d=args.lr_d,
+        weight_decay=args.weight_decay,
         cal_forward_weight=args.cal_forward_weight,
         samples=args.samples,
         batch_size=args.batch_size,
@@ -181,8 +183,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--size", type=int, help="train on random square crops of this side")
     p.add_argument("--lambda-cal", type=float, default=_TRAIN_DEFAULTS["lambda_cal"], help="weight of L_cal (0 = the ablation)")
     p.add_argument("--lambda-adv", type=float, default=_TRAIN_DEFAULTS["lambda_adv"], help="weight of L_adv (0 = CAR without D: D is not run)")
+    p.add_argument("--lr-f", type=float, default=_TRAIN_DEFAULTS["lr_f"], help="F's learning rate")
     p.add_argument("--lr-g", type=float, default=_TRAIN_DEFAULTS["lr_g"], help="G's learning rate")
     p.add_argument("--lr-d", type=float, default=_TRAIN_DEFAULTS["lr_d"], help="D's learning rate")
+    p.add_argument("--weight-decay", type=float, default=_TRAIN_DEFAULTS["weight_decay"], help="F's and G's L2 weight decay (D has none)")
     p.add_argument("--cal-forward-weight", type=float, default=_TRAIN_DEFAULTS["cal_forward_weight"], help="weight of the forward KL inside L_cal")
     p.add_argument("--samples", type=int, default=_TRAIN_DEFAULTS["samples"], help="samples of G per input per step")
     p.add_argument("--batch-size", type=int, default=_TRAIN_DEFAULTS["batch_size"])
