@@ -7,7 +7,7 @@ from PIL import Image
 from scipy import ndimage
 
 from training.data import DatasetError, open_dataset
-from training.data.cells import CELL_CLASSES, CELL_COLOURS, CELL_KINDS, MIX_LEVELS, MIX_PAIRS
+from training.data.cells import CELL_CLASSES, CELL_COLOURS, CELL_KINDS, MIX_LEVELS, MIX_PAIRS, RARE_CELL_KINDS, RARE_MIX_LEVELS
 from training.data.folder import write_case, write_classes
 from training.data.synthetic import FLIP_CLASSES, HALO_KINDS, SyntheticDataset
 
@@ -24,7 +24,7 @@ def test_lidc_sample_reads_real_crops_with_four_graders(lidc_root):
     assert any(open_dataset("lidc-sample", "test")[i].labels.any() for i in range(len(test)))
 
 
-@pytest.mark.parametrize("generator", ["halo", "flips", "cells"])
+@pytest.mark.parametrize("generator", ["halo", "flips", "cells", "cells_rare"])
 def test_synthetic_is_reproducible_and_follows_its_truth(generator):
     ds = SyntheticDataset(generator, "test", 10)
     a, b = ds[3], ds[3]
@@ -108,18 +108,23 @@ def test_cells_hold_several_events_each_on_its_own_cell():
     assert np.mean(events) > 2 and np.mean([n >= 2 for n in events]) > 0.7
 
 
-def test_cells_annotators_follow_the_event_probabilities():
+CELL_VARIANTS = pytest.mark.parametrize(("generator", "levels", "kinds"), [("cells", MIX_LEVELS, CELL_KINDS), ("cells_rare", RARE_MIX_LEVELS, RARE_CELL_KINDS)])
+
+
+@CELL_VARIANTS
+def test_cells_annotators_follow_the_event_probabilities(generator, levels, kinds):
     hits: Counter[str] = Counter()
     draws: Counter[str] = Counter()
-    for case in SyntheticDataset("cells", "train", 400):
+    for case in SyntheticDataset(generator, "train", 400):
+        assert SyntheticDataset(generator, "train", 1).description["event_probabilities"] == kinds
         for event in case.truth.events:
-            assert event.probability == CELL_KINDS[event.kind]
+            assert event.probability == kinds[event.kind]
             region = case.labels[:, event.region]
             assert (region == region[:, :1]).all()  # each annotator labels a cell or membrane whole
             hits[event.kind] += int((region[:, 0] == event.on_label).sum())
             draws[event.kind] += len(region)
-    assert set(draws) == set(CELL_KINDS)
-    for kind, p in CELL_KINDS.items():
+    assert set(draws) == set(kinds) == {f"mix_{t:g}" for t in levels[1:-1]} | {"membrane_0.3", "membrane_0.6"}
+    for kind, p in kinds.items():
         # within 4 standard errors of the binomial share (0.06 for a mix kind, 0.1 for a membrane kind)
         assert abs(hits[kind] / draws[kind] - p) < 4 * np.sqrt(p * (1 - p) / draws[kind]), (kind, hits[kind], draws[kind])
 
@@ -130,11 +135,15 @@ def _cytoplasm_colour(image, region):
     return pixels[brightness >= np.median(brightness)].mean(0)  # the brighter half: the nucleus is darker
 
 
-def test_cells_ambiguity_is_read_from_the_colour():
+@CELL_VARIANTS
+def test_cells_ambiguity_is_read_from_the_colour(generator, levels, kinds):
     # the nearest of all colours a cell can have (each pair of types, each mixing level) says both
     # its types and its probability: pure cells are never events, mixed cells events of that level
-    grid = [(first, second, t, (1 - t) * CELL_COLOURS[first - 1] + t * CELL_COLOURS[second - 1]) for first, second in MIX_PAIRS for t in MIX_LEVELS]
-    for case in SyntheticDataset("cells", "test", 150):
+    # (cells_rare's 0.05 mix lies 6 colour units from its pure type, where pixel noise makes this
+    # brighter-half estimate misread ~0.3% of cells; a net sees every pixel of the cell)
+    grid = [(first, second, t, (1 - t) * CELL_COLOURS[first - 1] + t * CELL_COLOURS[second - 1]) for first, second in MIX_PAIRS for t in levels]
+    misread, cells_seen = [], 0
+    for case in SyntheticDataset(generator, "test", 150):
         truth = case.truth
         mixed = [e for e in truth.events if e.kind.startswith("mix_")]
         cells, count = ndimage.label(np.any([truth.base > 0, *(e.region for e in mixed)], axis=0))
@@ -142,10 +151,13 @@ def test_cells_ambiguity_is_read_from_the_colour():
             cell = cells == index
             first, second, t, _ = min(grid, key=lambda g: np.linalg.norm(g[3] - _cytoplasm_colour(case.image, cell)))
             event = next((e for e in mixed if e.region[cell].all()), None)
+            cells_seen += 1
             if t in (0.0, 1.0):
-                assert event is None and (truth.base[cell] == (first if t == 0.0 else second)).all(), case.case_id
+                read = event is None and (truth.base[cell] == (first if t == 0.0 else second)).all()
             else:
-                assert event is not None and (event.off_label, event.on_label, event.probability) == (first, second, t), case.case_id
+                read = event is not None and (event.off_label, event.on_label, event.probability) == (first, second, t)
+            if not read:
+                misread.append(case.case_id)
         for event in truth.events:
             if event.kind.startswith("membrane_"):
                 # a membrane's contrast against the background around it is its probability
@@ -155,6 +167,7 @@ def test_cells_ambiguity_is_read_from_the_colour():
                 cell = _cytoplasm_colour(case.image, inside) - background
                 contrast = (case.image[event.region].mean(0) - background) @ cell / (cell @ cell)
                 assert abs(contrast - event.probability) < 0.1, (case.case_id, contrast, event.probability)
+    assert len(misread) <= (0 if generator == "cells" else 0.01 * cells_seen), misread
 
 
 def test_folder_format_round_trip(tmp_path):

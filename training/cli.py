@@ -174,7 +174,10 @@ def _synth(args: argparse.Namespace) -> None:
 
 def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train F, G and D; writes MODEL_DIR/<version>/")
-    p.add_argument("--data", required=True, help="folder, lidc-sample, lidc-v2:PATH, lidc-v1:PICKLE, cityscapes:PATH or synthetic:{halo,flips,cells}")
+    p.add_argument(
+        "--data", required=True,
+        help="folder, lidc-sample, lidc-v2:PATH, lidc-v1:PICKLE, cityscapes:PATH or synthetic:{halo,flips,cells,cells_rare}",
+    )
     p.add_argument("--method", default="car", choices=("car", "ssn"), help="car, or the peer method SSN (Monteiro et al. 2020)")
     p.add_argument("--out", required=True, help="model folder (e.g. models/default)")
     budget = p.add_mutually_exclusive_group(required=True)

@@ -1,5 +1,5 @@
 """Data sources behind one spec string: a folder in the folder format, ``lidc-sample``,
-``synthetic:{halo,flips,cells}``, or a literature data set in its published on-disk format:
+``synthetic:{halo,flips,cells,cells_rare}``, or a literature data set in its published on-disk format:
 ``lidc-v2:PATH`` (Kohl et al.'s 180x180 PNG crops), ``lidc-v1:PATH`` (the PHiSeg/SSN pickle) and
 ``cityscapes:PATH`` (Cityscapes with injected ambiguity). Each yields ``Case`` objects and knows its
 classes and channels."""

@@ -10,6 +10,7 @@
           together, to a twin class with a known probability (the paper's Cityscapes protocol).
 ``cells`` 64x64 RGB fields of 2-4 cells of three types whose doubt is read from the image: a cell's
           colour mixes two types' colours and says how likely each label is (``training.data.cells``).
+``cells_rare`` the same, but a mixed cell's second reading is rare (p 0.05 or 0.95) or even (0.5).
 
 Every case is a pure function of (generator, split, index), so data sets are reproducible and
 unbounded; four annotators per case are drawn from the true distribution, as LIDC has four graders.
@@ -20,12 +21,13 @@ from __future__ import annotations
 import zlib
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from functools import partial
 
 import numpy as np
 from scipy import ndimage
 
 from training.data.cases import Case, Event, KnownDistribution
-from training.data.cells import CELL_CLASSES, CELL_KINDS, draw_cells
+from training.data.cells import CELL_CLASSES, CELL_KINDS, RARE_CELL_KINDS, RARE_COLOUR_JITTER, RARE_MIX_LEVELS, draw_cells
 
 ANNOTATORS = 4
 SPLIT_SEEDS = {"train": 0, "val": 1, "test": 2}
@@ -229,6 +231,7 @@ _GENERATORS = {
     "halo": Generator(draw_halo, HALO_CLASSES, 1, HALO_KINDS),
     "flips": Generator(draw_flips, FLIP_CLASSES, 3, dict(zip(FLIP_SHAPES, FLIP_PROBABILITIES, strict=True))),
     "cells": Generator(draw_cells, CELL_CLASSES, 3, CELL_KINDS),
+    "cells_rare": Generator(partial(draw_cells, levels=RARE_MIX_LEVELS, colour_jitter=RARE_COLOUR_JITTER), CELL_CLASSES, 3, RARE_CELL_KINDS),
 }
 GENERATORS = tuple(_GENERATORS)
 
