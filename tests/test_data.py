@@ -115,8 +115,8 @@ CELL_VARIANTS = pytest.mark.parametrize(("generator", "levels", "kinds"), [("cel
 def test_cells_annotators_follow_the_event_probabilities(generator, levels, kinds):
     hits: Counter[str] = Counter()
     draws: Counter[str] = Counter()
+    assert SyntheticDataset(generator, "train", 1).description["event_probabilities"] == kinds
     for case in SyntheticDataset(generator, "train", 400):
-        assert SyntheticDataset(generator, "train", 1).description["event_probabilities"] == kinds
         for event in case.truth.events:
             assert event.probability == kinds[event.kind]
             region = case.labels[:, event.region]

@@ -39,13 +39,13 @@ _MEMBRANE_SHARE = 0.6  # of the pure cells
 _MEMBRANE_WIDTH = 2.0
 
 
-def cell_kinds(levels: tuple[float, ...]) -> dict[str, float]:
+def _cell_kinds(levels: tuple[float, ...]) -> dict[str, float]:
     """Event kinds and their probabilities for cells mixed at ``levels`` (the first and last pure)."""
     return {f"mix_{t:g}": t for t in levels[1:-1]} | {f"membrane_{c:g}": c for c in MEMBRANE_CONTRASTS}
 
 
-CELL_KINDS = cell_kinds(MIX_LEVELS)
-RARE_CELL_KINDS = cell_kinds(RARE_MIX_LEVELS)
+CELL_KINDS = _cell_kinds(MIX_LEVELS)
+RARE_CELL_KINDS = _cell_kinds(RARE_MIX_LEVELS)
 _BACKGROUND = np.array([228, 218, 210], dtype=np.float32)
 _YY, _XX = np.mgrid[0:SIZE, 0:SIZE].astype(np.float32)
 
