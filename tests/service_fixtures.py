@@ -14,16 +14,18 @@ from training.checkpoint import save_model
 from training.networks import CalibrationConfig, CalibrationNet, RefinementConfig, RefinementNet
 
 
-def write_tiny_model(model_dir: Path, name: str = "tiny", channels: int = 1, classes: int = 2, seed: int = 0) -> Path:
+def write_tiny_model(
+    model_dir: Path, name: str = "tiny", channels: int = 1, classes: int = 2, seed: int = 0, position: bool = False
+) -> Path:
     torch.manual_seed(seed)
-    f_cfg = CalibrationConfig(channels, classes, widths=(8, 16, 16))
+    f_cfg = CalibrationConfig(channels, classes, widths=(8, 16, 16), position=position)
     g_cfg = RefinementConfig(channels, classes, widths=(8, 16, 16), noise_dim=4)
     f, g = CalibrationNet(f_cfg), RefinementNet(g_cfg)
     torch.nn.init.normal_(g.head.weight)  # an untrained G with the prior skip ignores z
     manifest = {
         "name": name,
         "architecture": {
-            "calibration": {"in_channels": channels, "num_classes": classes, "widths": [8, 16, 16]},
+            "calibration": {"in_channels": channels, "num_classes": classes, "widths": [8, 16, 16], "position": position},
             "refinement": {"in_channels": channels, "num_classes": classes, "widths": [8, 16, 16], "noise_dim": 4, "dropout": 0.1, "prior_skip": True},
         },
         "classes": ["background", "nodule", *[f"class{i}" for i in range(2, classes)]][:classes],

@@ -87,23 +87,28 @@ def test_evaluate_a_baseline_built_on_the_checkpoint(tmp_path):
     assert "synthetic:halo:test:deterministic" in manifest["metrics"]
 
 
-def test_train_passes_init_amp_lr_f_and_weight_decay_to_the_training_run(tmp_path, monkeypatch, capsys):
+def test_train_passes_init_amp_lr_f_weight_decay_and_position_to_the_training_run(tmp_path, monkeypatch, capsys):
     import training.train
 
     configs = []
     monkeypatch.setattr(training.train, "train", lambda config: configs.append(config) or config.out / "1")
     common = ["train", "--data", "lidc-sample", "--out", str(tmp_path / "tuned"), "--steps", "2", "--device", "cpu"]
     main([*common, "--init", str(tmp_path / "tiny")])
-    main([*common, "--no-amp", "--lr-f", "1e-3", "--weight-decay", "0"])
+    main([*common, "--no-amp", "--lr-f", "1e-3", "--weight-decay", "0", "--position"])
     assert [(c.init, c.amp) for c in configs] == [(tmp_path / "tiny", None), (None, False)]
     defaults = TrainConfig(data="x", out=tmp_path, steps=1)
-    assert [(c.lr_f, c.weight_decay) for c in configs] == [(defaults.lr_f, defaults.weight_decay), (1e-3, 0.0)]
+    assert [(c.lr_f, c.weight_decay, c.position) for c in configs] == [
+        (defaults.lr_f, defaults.weight_decay, defaults.position), (1e-3, 0.0, True),
+    ]
     assert f"best version: {tmp_path / 'tuned' / '1'}" in capsys.readouterr().out
 
 
 @pytest.mark.parametrize(
     ("extra", "message"),
-    [(["--amp"], "--amp: bfloat16 autocast on cpu"), (["--method", "ssn", "--init", "x"], "for --method car")],
+    [
+        (["--amp"], "--amp: bfloat16 autocast on cpu"), (["--method", "ssn", "--init", "x"], "for --method car"),
+        (["--method", "ssn", "--position"], "for --method car"),
+    ],
 )
 def test_train_refuses_amp_on_a_cpu_and_init_for_ssn(tmp_path, extra, message):
     with pytest.raises(SystemExit, match=message):

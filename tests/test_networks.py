@@ -9,6 +9,8 @@ from training.networks import (
     DiscriminatorConfig,
     RefinementConfig,
     RefinementNet,
+    position_channels,
+    whole_images,
 )
 
 
@@ -83,3 +85,23 @@ def test_architecture_config_round_trip_and_unknown_keys():
     bad["refinement"]["colour"] = 1
     with pytest.raises(ValueError, match="colour"):
         ArchitectureConfig.from_dict(bad)
+
+
+def test_position_channels_of_a_crop_are_the_whole_images_there():
+    whole = position_channels(whole_images(1, 6, 10), 6, 10)[0]  # (2, 6, 10)
+    assert whole[0, 0, 0] == pytest.approx(-5 / 6) and whole[0, -1, 0] == pytest.approx(5 / 6)  # pixel centres
+    assert whole[1, 0, 0] == pytest.approx(-0.9) and whole[1, 0, -1] == pytest.approx(0.9)
+    assert torch.equal(whole[0, :, 0], whole[0, :, 7]) and torch.equal(whole[1, 0], whole[1, 5])
+    crop = position_channels(torch.tensor([[2.0, 3.0, 6.0, 10.0]]), 3, 4)[0]
+    assert torch.allclose(crop, whole[:, 2:5, 3:7])
+
+
+def test_an_f_with_position_takes_two_more_input_channels_and_its_window():
+    f = CalibrationNet(CalibrationConfig(1, 2, widths=(8, 16), position=True))
+    assert f.encoder.stem[0][0].in_channels == 3
+    x = torch.randn(2, 1, 8, 8)
+    f.eval()
+    # a whole image by default; the same pixels told they are a crop elsewhere are judged otherwise
+    assert torch.equal(f(x), f(x, whole_images(2, 8, 8)))
+    assert not torch.allclose(f(x), f(x, torch.tensor([[8.0, 0.0, 16.0, 16.0]] * 2)))
+    assert CalibrationNet(CalibrationConfig(1, 2, widths=(8, 16))).encoder.stem[0][0].in_channels == 1

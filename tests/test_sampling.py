@@ -140,3 +140,18 @@ def test_chunked_variance_is_exact_where_the_textbook_formula_cancels():
     reference = probs.var(dim=0, unbiased=False).sum(dim=0)
     assert torch.allclose(stats.m2[0].sum(0).double() / 64, reference, rtol=1e-3, atol=0)
     assert torch.allclose(stats.mean[0].double(), probs.mean(0), atol=1e-7)
+
+
+def test_an_f_that_sees_position_is_told_the_images_own_size_not_the_padded_one():
+    from training.networks import whole_images
+
+    f = CalibrationNet(CalibrationConfig(1, 2, widths=(8, 16, 16), position=True)).eval()
+    g = RefinementNet(RefinementConfig(1, 2, widths=(8, 16, 16), noise_dim=4)).eval()
+    networks = Networks(f, g, Normalisation())
+    image = torch.randn(1, 1, 30, 30)  # padded to 32 for the stride of 4
+    got = sample(networks, image, [2], [0], (P_F,))[0][P_F]
+    padded = torch.nn.functional.pad(image, (0, 2, 0, 2), mode="replicate")
+    with torch.inference_mode():
+        told = f(padded, whole_images(1, 30, 30)).softmax(1)[0, :, :30, :30]
+        padded_size = f(padded).softmax(1)[0, :, :30, :30]
+    assert torch.allclose(got, told, atol=1e-6) and not torch.allclose(got, padded_size, atol=1e-3)

@@ -28,9 +28,21 @@ def test_health_and_model_listing(server):
     assert models == [{"name": "tiny", "version": "1", "versions": ["1"], "classes": ["background", "nodule"]}]
     detail = httpx.get(f"{server.url}/v1/models/tiny").json()
     assert detail["input"]["channels"] == 1 and set(detail["sha256"]) == {"calibration.safetensors", "refinement.safetensors"}
+    assert detail["input"]["sees_position"] is False  # its F was built before position existed
     assert detail["metrics"]["validation"]["ged"] == 0.5
     assert httpx.get(f"{server.url}/v1/models/nope").status_code == 404
     assert "/v1/models/{name}/samples" in httpx.get(f"{server.url}/openapi.json").json()["paths"]
+
+
+def test_a_model_that_sees_position_says_so_and_serves_any_size(tmp_path):
+    from tests.service_fixtures import write_tiny_model
+
+    write_tiny_model(tmp_path, "framed", position=True)
+    with EmbeddedServer(Settings(model_dir=tmp_path)) as srv:
+        assert httpx.get(f"{srv.url}/v1/models/framed").json()["input"]["sees_position"] is True
+        r = post(srv, png(grey(37, 53)), model="framed", k=3, seed=1)
+        assert r.status_code == 200, r.text
+        assert [decode_png(m).shape for m in r.json()["masks"]] == [(37, 53)] * 3
 
 
 def test_samples_multipart_returns_k_masks_of_the_input_size(server):

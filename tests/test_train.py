@@ -10,11 +10,11 @@ import torch
 from tests.service_fixtures import write_tiny_model
 from training.checkpoint import load_model
 from training.config import TrainConfig
-from training.data import open_dataset
+from training.data import Case, open_dataset
 from training.evaluate import evaluate
-from training.manifest import CheckpointError
+from training.manifest import CheckpointError, Normalisation
 from training.networks import ArchitectureConfig
-from training.train import STATE_DIR, _build, _discriminator_loss, _set_up, _step, train, use_amp, validation_gap
+from training.train import STATE_DIR, Batches, _build, _discriminator_loss, _set_up, _step, train, use_amp, validation_gap
 
 TINY = {
     "calibration": {"in_channels": 3, "num_classes": 9, "widths": [8, 16]},
@@ -205,3 +205,75 @@ def test_lidc_sample_selects_versions_on_its_training_crops_never_its_test_crops
 
     val, train_ids, test = ids("val"), ids("train"), ids("test")
     assert len(val) == 19 and val == train_ids and not val & test
+
+
+class _Frames:
+    """One case of (20, 30) pixels whose channels say where each pixel is: its row, and ten times its
+    column's distance from the vertical centre line (which a mirror keeps); top half marked."""
+
+    classes = ("background", "top")
+    in_channels = 2
+
+    def __len__(self):
+        return 1
+
+    def __getitem__(self, index):
+        rows, cols = np.mgrid[0:20, 0:30]
+        image = np.stack([rows, 10 * np.abs(cols - 14.5)], axis=-1).astype(np.uint8)
+        return Case("frames", image, (rows < 10).astype(np.uint8)[None])
+
+
+def test_each_crops_window_places_it_and_its_mirror_in_the_whole_image():
+    from training.networks import position_channels
+
+    batches = Batches(_Frames(), 8, 64, seed=0, normalisation=Normalisation())
+    image, _, window = batches.next()
+    assert window[:, 2:].tolist() == [[20.0, 30.0]] * 64
+    where = position_channels(window, 8, 8)
+    # the pixel each crop shows, read back from the window: row, and the distance from the centre line
+    rows = (where[:, 0] + 1) * 20 / 2 - 0.5
+    distance = where[:, 1].abs() * 30 / 2
+    norm = Normalisation()
+    shown = (image - norm.low) / (norm.high - norm.low) * 255
+    assert torch.allclose(shown[:, 0], rows, atol=1e-3) and torch.allclose(shown[:, 1], 10 * distance, atol=1e-3)
+    mirrored = window[:, 1] != torch.tensor([0.0])  # both happen: crops at many places, some mirrored
+    assert 0 < int(mirrored.sum()) < 64 and len(set(window[:, 0].tolist())) > 5
+    whole = Batches(_Frames(), None, 2, seed=0, normalisation=Normalisation()).next()[2]
+    assert whole.tolist() == [[0.0, 0.0, 20.0, 30.0]] * 2
+
+
+@pytest.mark.parametrize("position", [True, False])
+def test_position_is_what_lets_f_learn_a_label_that_only_position_tells(position):
+    """Crops of an image with nothing in it, marked on its top half: only an F that sees where its
+    crop lies can learn it (horizontal mirrors keep rows); without position it cannot beat chance."""
+    from training import losses
+    from training.networks import CalibrationConfig, CalibrationNet
+
+    class Blank(_Frames):
+        def __getitem__(self, index):
+            case = super().__getitem__(index)
+            return Case("blank", np.zeros_like(case.image), case.labels)
+
+    torch.manual_seed(0)
+    f = CalibrationNet(CalibrationConfig(2, 2, widths=(8, 16), position=position))
+    opt = torch.optim.Adam(f.parameters(), lr=1e-2)
+    batches = Batches(Blank(), 8, 16, seed=0, normalisation=Normalisation())
+    for _ in range(150):
+        image, label, window = batches.next()
+        loss = losses.calibration_net_loss(f(image, window), label)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    f.eval()
+    case = Blank()[0]
+    with torch.no_grad():
+        marked = f(torch.from_numpy(Normalisation().apply(case.image))[None]).argmax(1)[0].numpy()
+    accuracy = float((marked == case.labels[0]).mean())
+    # without position, the whole image's zero-padded border is all it has to go on (0.70 measured)
+    assert accuracy > 0.95 if position else accuracy < 0.8
+
+
+def test_position_for_a_fine_tune_needs_an_init_that_takes_it(tmp_path, base_model):
+    with pytest.raises(CheckpointError, match="its F takes no position"):
+        train(replace(_config(tmp_path / "ft", 2), init=base_model, architecture=None, position=True))
+    assert not (tmp_path / "ft" / "1").exists()

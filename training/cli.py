@@ -36,8 +36,8 @@ def _train(args: argparse.Namespace) -> None:
     from training.train import train, use_amp
 
     device = _device(args.device, args.threads)
-    if args.method == "ssn" and (args.init or args.amp or distributed.launched()):
-        raise SystemExit("--init, --amp and torchrun are for --method car: the SSN trains from scratch in one process")
+    if args.method == "ssn" and (args.init or args.amp or args.position or distributed.launched()):
+        raise SystemExit("--init, --amp, --position and torchrun are for --method car: the SSN trains from scratch in one process, on no position")
     try:
         device = distributed.rank_device(device)
     except ValueError as exc:
@@ -67,6 +67,7 @@ def _train(args: argparse.Namespace) -> None:
         val_share=args.val_share,
         f_warmup=args.f_warmup,
         amp=args.amp,
+        position=args.position,
         init=Path(args.init) if args.init else None,
     )
     if args.method == "ssn":
@@ -205,6 +206,10 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument(
         "--amp", action=argparse.BooleanOptionalAction, default=_TRAIN_DEFAULTS["amp"],
         help="bfloat16 autocast of the forward passes (default: on CUDA, off on a CPU, where it is refused: ~70x slower there)",
+    )
+    p.add_argument(
+        "--position", action=argparse.BooleanOptionalAction, default=_TRAIN_DEFAULTS["position"],
+        help="F also sees each pixel's place in the whole image: for images centred on what is to be segmented",
     )
     p.add_argument(
         "--init", metavar="MODEL_DIR",

@@ -63,6 +63,9 @@ class TrainConfig:
     # (where it made these U-Nets ~70x slower; training.train.use_amp refuses it there)
     amp: bool | None = None
     architecture: dict[str, Any] | None = field(default=None)
+    # F also sees each pixel's place in the whole image (networks.CalibrationConfig.position): for
+    # data whose images are centred on what is to be segmented (crops around a lesion)
+    position: bool = False
     # fine-tune: F and G start from this model (a model folder's latest version, or a version
     # folder), with its architecture; ignored with a notice when ``out`` resumes from a state that
     # began from it (training.train)

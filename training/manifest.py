@@ -71,6 +71,12 @@ class ModelEntry:
     def normalisation(self) -> Normalisation:
         return Normalisation(**self.manifest["normalisation"])
 
+    @property
+    def sees_position(self) -> bool:
+        """Whether F sees each pixel's place in the image (``networks.CalibrationConfig.position``):
+        such a model expects images framed as its training images were (crops centred on a lesion)."""
+        return bool(self.manifest.get("architecture", {}).get("calibration", {}).get("position", False))
+
 
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()

@@ -98,23 +98,53 @@ class CalibrationConfig:
     in_channels: int
     num_classes: int
     widths: tuple[int, ...] = (16, 32, 64, 128)
+    # F also sees where each pixel lies in the whole image (``position_channels``): in crops centred
+    # on their lesion, as LIDC's and halo's are, position is what tells a small nodule from a vessel
+    # seen end on, which look alike; every checkpoint made before the field existed: off
+    position: bool = False
 
     @property
     def stride(self) -> int:
         return 2 ** (len(self.widths) - 1)
 
 
+def position_channels(window: Tensor, height: int, width: int) -> Tensor:
+    """Where each pixel of a (height, width) view lies in its whole image: ``window`` (B, 4) holds
+    each view's top, left and its whole image's height and width, in pixels. -> (B, 2, height, width):
+    y and x, -1 at the whole image's first row or column and 1 at its last (pixel centres), so a crop
+    sees the values the whole image has there, and an image of any size spans the same range."""
+    window = window.to(torch.float32)
+    rows = torch.arange(height, dtype=torch.float32, device=window.device)
+    cols = torch.arange(width, dtype=torch.float32, device=window.device)
+    y = (2 * (window[:, 0, None] + rows + 0.5) / window[:, 2, None] - 1)[:, :, None].expand(-1, height, width)
+    x = (2 * (window[:, 1, None] + cols + 0.5) / window[:, 3, None] - 1)[:, None, :].expand(-1, height, width)
+    return torch.stack([y, x], dim=1)
+
+
+def whole_images(batch: int, height: int, width: int) -> Tensor:
+    """``position_channels``' window for views that are whole images of (height, width)."""
+    return torch.tensor([[0.0, 0.0, height, width]]).expand(batch, 4)
+
+
 class CalibrationNet(nn.Module):
-    """F: a U-Net whose logits give p_F. Trained from scratch (no pretrained VGG offline)."""
+    """F: a U-Net whose logits give p_F. Trained from scratch (no pretrained VGG offline). With
+    ``position`` its input also holds each pixel's place in the whole image (CoordConv, Liu et al.
+    2018): zero padding lets a CNN learn position only slowly, and on 64 x 64 crops not at all."""
 
     def __init__(self, config: CalibrationConfig) -> None:
         super().__init__()
         self.config = config
-        self.encoder, self.ups = u_net(config.in_channels, config.widths)
+        self.encoder, self.ups = u_net(config.in_channels + (2 if config.position else 0), config.widths)
         self.head = nn.Conv2d(config.widths[0], config.num_classes, 1)
 
-    def forward(self, image: Tensor) -> Tensor:
-        """image (B, C_in, H, W) -> logits (B, C, H, W)."""
+    def forward(self, image: Tensor, window: Tensor | None = None) -> Tensor:
+        """image (B, C_in, H, W) -> logits (B, C, H, W). ``window`` (B, 4): where each image lies in
+        its whole image (``position_channels``); None: each is whole. Used only with ``position``."""
+        if self.config.position:
+            b, _, h, w = image.shape
+            window = whole_images(b, h, w) if window is None else window
+            where = position_channels(window.to(image.device), h, w).to(image.dtype)
+            image = torch.cat([image, where], dim=1)
         return self.head(u_net_features(self.encoder, self.ups, image))
 
 

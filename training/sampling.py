@@ -36,7 +36,7 @@ from torch import Tensor
 
 from training import noise_field, uncertainty_summary
 from training.manifest import Normalisation
-from training.networks import DECISIONS, CalibrationNet, RefinementNet
+from training.networks import DECISIONS, CalibrationNet, RefinementNet, whole_images
 
 _LOG_EPS = 1e-12
 
@@ -239,6 +239,15 @@ def _pad_to(x: Tensor, stride: int) -> tuple[Tensor, int, int]:
     return x, h, w
 
 
+def _calibrate(calibration: torch.nn.Module, padded: Tensor, h: int, w: int) -> Tensor:
+    """F's logits on images padded from (h, w). An F that sees position (``CalibrationConfig.position``)
+    is told the image is (h, w), so the padding does not move its centre; baselines and the SSN sit
+    in F's slot with configs of their own, which have no such field."""
+    if getattr(calibration.config, "position", False):
+        return calibration(padded, whole_images(padded.shape[0], h, w))
+    return calibration(padded)
+
+
 class _Stats:
     """Per-image statistics of the soft samples, merged chunk by chunk, only those the requested
     outputs need: the labels, the mean and the sum of squared deviations from it (Chan et al.'s
@@ -402,7 +411,7 @@ def sample(
         padded = padded.contiguous(memory_format=torch.channels_last)  # NHWC, as load_model lays the nets out on a CPU
     autocast = torch.autocast("cuda", dtype=torch.float16) if amp and device.type == "cuda" else nullcontext()
     with autocast:
-        p_f = calibration(padded).float().softmax(dim=1)  # (B, C, Hp, Wp)
+        p_f = _calibrate(calibration, padded, h, w).float().softmax(dim=1)  # (B, C, Hp, Wp)
         feats = refinement.encode(padded, p_f)
     needed = wanted | ({LABELS} if SUMMARY in wanted else set())
     foregrounds = [foreground(p) for p in p_f[..., :h, :w]] if SUMMARY in wanted else None

@@ -116,17 +116,18 @@ def _build(config: TrainConfig, arch: ArchitectureConfig, device: torch.device, 
 
 
 class Batches:
-    """Random crops of random cases, each with one annotator drawn uniformly, normalised."""
+    """Random crops of random cases, each with one annotator drawn uniformly, normalised, with each
+    crop's window in its whole (flipped) image, as ``networks.position_channels`` takes it."""
 
     def __init__(self, dataset: Dataset, size: int | None, batch_size: int, seed: int, normalisation: Normalisation) -> None:
         self.dataset, self.size, self.batch_size = dataset, size, batch_size
         self.rng = np.random.default_rng(seed)
         self.normalisation = normalisation
 
-    def _crop(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        if self.size is None:
-            return image, label
+    def _crop(self, image: np.ndarray, label: np.ndarray) -> tuple[np.ndarray, np.ndarray, tuple[int, int]]:
         h, w = label.shape
+        if self.size is None:
+            return image, label, (0, 0)
         s = self.size
         if h < s or w < s:
             raise ValueError(f"crop size {s} exceeds image size {h}x{w}")
@@ -134,19 +135,23 @@ class Batches:
         # borders (a chest wall there was segmented as nodule in such a run)
         y = int(self.rng.integers(0, h - s + 1))
         x = int(self.rng.integers(0, w - s + 1))
-        return image[y : y + s, x : x + s], label[y : y + s, x : x + s]
+        return image[y : y + s, x : x + s], label[y : y + s, x : x + s], (y, x)
 
-    def next(self) -> tuple[Tensor, Tensor]:
-        images, labels = [], []
+    def next(self) -> tuple[Tensor, Tensor, Tensor]:
+        """(images (B, C, S, S), labels (B, S, S), windows (B, 4): top, left, whole height, width)."""
+        images, labels, windows = [], [], []
         for index in self.rng.integers(0, len(self.dataset), self.batch_size):
             case = self.dataset[int(index)]
             label = case.labels[self.rng.integers(case.labels.shape[0])]
-            image, label = self._crop(case.image, label)
+            h, w = label.shape
+            image, label, (top, left) = self._crop(case.image, label)
             if self.rng.random() < 0.5:
-                image, label = image[:, ::-1], label[:, ::-1]
+                # the crop of the mirrored whole image, whose left edge is the crop's right one
+                image, label, left = image[:, ::-1], label[:, ::-1], w - left - label.shape[1]
             images.append(self.normalisation.apply(np.ascontiguousarray(image)))
             labels.append(label.astype(np.int64))
-        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels))
+            windows.append((top, left, h, w))
+        return torch.from_numpy(np.stack(images)), torch.from_numpy(np.stack(labels)), torch.tensor(windows, dtype=torch.float32)
 
 
 def validation_gap(every_s: float, last_cost_s: float, share: float) -> float:
@@ -189,7 +194,8 @@ def _discriminator_loss(config: TrainConfig, nets: Nets, image: Tensor, real_mas
 
 
 def _step(
-    config: TrainConfig, nets: Nets, image: Tensor, label: Tensor, train_g: bool, d_accuracy: float, amp: bool = False
+    config: TrainConfig, nets: Nets, image: Tensor, label: Tensor, train_g: bool, d_accuracy: float, amp: bool = False,
+    window: Tensor | None = None,
 ) -> dict[str, float]:
     """One iteration: F; then, after F's head start (``train_g``), G and D. With ``amp`` the nets'
     forward passes run under bfloat16 autocast, the losses in float32. Under torchrun, the
@@ -197,7 +203,7 @@ def _step(
     averages take them, so every rank keeps the same weights."""
     num_classes = nets.arch.calibration.num_classes
     with _autocast(image.device, amp):
-        logits_f = nets.train_f(image)
+        logits_f = nets.train_f(image, window)
     loss_f = losses.calibration_net_loss(logits_f.float(), label)
     nets.opt_f.zero_grad(set_to_none=True)
     loss_f.backward()
@@ -359,7 +365,8 @@ def _architecture(config: TrainConfig, dataset: Dataset, init: LoadedModel | Non
     given = ArchitectureConfig.from_dict(config.architecture) if config.architecture else None
     classes, channels = list(dataset.classes), dataset.in_channels
     if init is None:
-        return given or ArchitectureConfig.default(channels, len(classes))
+        arch = given or ArchitectureConfig.default(channels, len(classes))
+        return replace(arch, calibration=replace(arch.calibration, position=True)) if config.position else arch
     method = init.manifest.get("method", "car")
     if method != "car":
         raise CheckpointError(f"--init {init.path}: a {method} model; fine-tuning starts from a CAR model's F and G")
@@ -373,6 +380,8 @@ def _architecture(config: TrainConfig, dataset: Dataset, init: LoadedModel | Non
         model = ArchitectureConfig.from_dict(init.manifest["architecture"])
     except (KeyError, TypeError, ValueError) as exc:
         raise CheckpointError(f"--init {init.path}: bad architecture ({exc})") from exc
+    if config.position and not model.calibration.position:
+        raise CheckpointError(f"--init {init.path}: its F takes no position; train with position from scratch")
     if given is not None and (given.calibration, given.refinement) != (model.calibration, model.refinement):
         raise CheckpointError(f"--init {init.path}: its F and G differ from the configured architecture's")
     disc = given.discriminator if given is not None and given.discriminator else ArchitectureConfig.default(channels, len(classes)).discriminator
@@ -499,8 +508,8 @@ def _train(config: TrainConfig, device: torch.device) -> Path:
                 group["lr"] = lr * scale
         nets.calibration.train()
         nets.refinement.train()
-        image, label = (t.to(run.device) for t in batches.next())
-        log = _step(config, nets, image, label, used >= config.f_warmup, progress.d_accuracy, run.amp)
+        image, label, window = (t.to(run.device) for t in batches.next())
+        log = _step(config, nets, image, label, used >= config.f_warmup, progress.d_accuracy, run.amp, window)
         if "d_acc" in log:
             progress.d_accuracy = 0.9 * progress.d_accuracy + 0.1 * log["d_acc"]
         progress.step += 1

@@ -91,7 +91,7 @@ def train_ssn(config: TrainConfig, ssn_config: SSNConfig | None = None) -> Path:
         for group in opt.param_groups:
             group["lr"] = config.lr_f * lr_scale(budget_used())
         net.train()
-        image, label = (t.to(device) for t in batches.next())
+        image, label, _ = (t.to(device) for t in batches.next())  # the SSN takes no position
         loss = ssn_loss(*net.distribution(image), label, ssn_config.mc_samples)
         opt.zero_grad(set_to_none=True)
         loss.backward()

@@ -61,6 +61,10 @@ class InputSpec(BaseModel):
     max_side: int
     max_pixels: int
     normalisation: dict[str, float]
+    sees_position: bool = Field(
+        description="true: the model uses where each pixel lies in the image, so send images framed as its training "
+        "images were (`data`): for LIDC-like models, crops centred on the lesion",
+    )
 
 
 class ModelSummary(BaseModel):

@@ -30,6 +30,7 @@ async def get_model(name: str, registry: RegistryDep, settings: SettingsDep, ver
         input=InputSpec(
             channels=entry.in_channels, dtype=["png8", "png16", "jpeg", *(f"npy-{d}" for d in NPY_DTYPES)],
             max_side=settings.max_side, max_pixels=settings.max_pixels, normalisation=m["normalisation"],
+            sees_position=entry.sees_position,
         ),
         sha256=m["sha256"], metrics=m.get("metrics", {}), data=m.get("data", {}),
         training={k: v for k, v in m.get("training", {}).items() if k != "config"},
