@@ -50,6 +50,20 @@ def test_ged_zero_for_identical_deterministic_sets_and_hand_value():
     assert metrics.ged(stack(A, E), stack(A), [1]) == pytest.approx(0.5)
 
 
+def test_far_marks_counts_what_is_marked_beyond_reach_of_every_grader():
+    annotators = np.zeros((2, 20, 20), np.uint8)
+    annotators[0, 5, 5] = 1
+    annotators[1, 5, 6] = 2  # another class of interest counts as graded too
+    samples = np.zeros((2, 20, 20), np.uint8)
+    samples[0, 5, 10] = 1  # 4 px from (5, 6): near
+    samples[0, 5, 12] = 1  # 6 px: far
+    samples[1, 15:17, 15:17] = 2  # a blob of 4, far
+    samples[1, 5, 11] = 1  # exactly 5 px: near
+    assert metrics.far_marks(samples, annotators, [1, 2]) == pytest.approx((1 + 4) / 2)
+    assert metrics.far_marks(samples, annotators, [1]) == pytest.approx((1 + 1) / 2)  # class 2 ignored, (5, 11) is 6 from (5, 5)
+    assert metrics.far_marks(samples, np.zeros_like(annotators), [1, 2]) == pytest.approx((2 + 5) / 2)  # nothing graded: all far
+
+
 def test_ged_all_empty_is_zero():
     assert metrics.ged(stack(E, E), stack(E, E, E, E), [1]) == pytest.approx(0.0)
 

@@ -1,7 +1,8 @@
 """Evaluation of a sampler on a data set, with the metric names ``carseg evaluate`` writes:
 
 - any data: ``ged_16`` (GED with n = 16 samples), ``hm_iou_16``, ``diversity_16``, ``ged_100``
-  when asked for, ``ece``: the ECE of p_F over the pixels that can be in doubt
+  when asked for, ``far_marks_16``: pixels per sample marked farther than 5 px from every
+  grader's mark (``metrics.far_marks``: false marks apart from the lesion, such as vessels), ``ece``: the ECE of p_F over the pixels that can be in doubt
   (``metrics.ambiguous_pixels``), and ``ece_samples``: the same for the share of the n samples
   that mark each pixel (what G adds or loses: two methods that share F differ only there), each
   with its reliability diagram;
@@ -159,6 +160,7 @@ def evaluate(
         tally.add(f"ged_{n}", metrics.ged(samples, case.labels, classes))
         tally.add(f"hm_iou_{n}", metrics.hm_iou(samples, case.labels, classes))
         tally.add(f"diversity_{n}", metrics.diversity(samples, classes))
+        tally.add(f"far_marks_{n}", metrics.far_marks(samples, case.labels, classes))
         if n_large is not None:
             tally.add(f"ged_{n_large}", metrics.ged(drawn, case.labels, classes))
         p_f = out[P_F].cpu().numpy()
