@@ -14,10 +14,11 @@ from tests.service_fixtures import decode_png
 from training.checkpoint import load_model
 from training.data import open_dataset
 from training.evaluate import sample_case
-from training.sampling import MEAN
+from training.metrics import far_marks
+from training.sampling import LABELS, MEAN
 
 
-@pytest.mark.parametrize("name,classes,channels", [("default", 2, 1), ("flips", 9, 3)])
+@pytest.mark.parametrize("name,classes,channels", [("default", 2, 1), ("lidc", 2, 1), ("flips", 9, 3)])
 def test_bundled_model_loads_verified_and_is_small(name, classes, channels):
     model = load_model(REPO_MODELS / name)
     assert len(model.classes) == classes and model.in_channels == channels
@@ -28,22 +29,39 @@ def test_bundled_model_loads_verified_and_is_small(name, classes, channels):
     assert manifest["training"]["step"] > 0 and any(k.startswith("ged") for k in manifest["metrics"]["validation"])
 
 
-def test_default_model_finds_the_nodule_on_real_lidc_crops(lidc_root):
-    model = load_model(REPO_MODELS / "default")
+def _lidc_test_crops(name: str) -> tuple[list[float], list[float]]:
+    """On the 9 held-out LIDC test crops: the IoU of the mean mask with the graders' consensus
+    (crops where most graders marked >= 10 px) and ``far_marks`` of 8 samples (each crop)."""
+    model = load_model(REPO_MODELS / name)
     dataset = open_dataset("lidc-sample", "test")
-    ious = []
+    ious, far = [], []
     for index in range(len(dataset)):
         case = dataset[index]
+        out = sample_case(model.networks, case, 8, index, outputs=(MEAN, LABELS))
+        far.append(far_marks(out[LABELS].numpy(), case.labels, [1]))
         consensus = case.labels.mean(0) >= 0.5
-        if consensus.sum() < 10:
-            continue
-        out = sample_case(model.networks, case, 8, index, outputs=(MEAN,))
-        mean_fg = out[MEAN][1].numpy() >= 0.5
-        ious.append((mean_fg & consensus).sum() / max((mean_fg | consensus).sum(), 1))
+        if consensus.sum() >= 10:
+            mean_fg = out[MEAN][1].numpy() >= 0.5
+            ious.append((mean_fg & consensus).sum() / max((mean_fg | consensus).sum(), 1))
     assert ious, "the LIDC sample has nodules that most graders marked"
-    # trained on synthetic crops only: plausible on real CT, not state of the art (0.40 measured;
+    return ious, far
+
+
+def test_default_model_finds_the_nodule_on_real_lidc_crops(lidc_root):
+    ious, far = _lidc_test_crops("default")
+    # trained on synthetic crops only: plausible on real CT, not state of the art (0.45 measured;
     # the model before the halo generator had LIDC's centred nodules and mid-grey walls: 0.05)
     assert np.mean(ious) > 0.3, ious
+    # vessels seen end on, marked away from every grader's mark: v3 ~26 px per sample, v2 (which
+    # did not see position) 88
+    assert np.mean(far) < 50, far
+
+
+def test_lidc_model_marks_the_nodule_and_no_vessel_on_held_out_crops(lidc_root):
+    # default fine-tuned on the sample's 19 training crops; the 9 test crops were never seen
+    ious, far = _lidc_test_crops("lidc")
+    assert np.mean(ious) > 0.4, ious  # 0.52 measured (default: 0.45)
+    assert np.mean(far) < 5, far  # 0.24 px per sample measured (default: 29.5)
 
 
 def test_make_run_default_serves_a_lidc_crop_over_http(lidc_root):
@@ -51,6 +69,8 @@ def test_make_run_default_serves_a_lidc_crop_over_http(lidc_root):
     with EmbeddedServer(Settings(device="cpu")) as api:
         names = [m["name"] for m in httpx.get(f"{api.url}/v1/models").json()["models"]]
         assert {"default", "flips"} <= set(names)
+        # a viewer learns that default wants crops centred on the lesion
+        assert httpx.get(f"{api.url}/v1/models/default").json()["input"]["sees_position"] is True
         r = httpx.post(f"{api.url}/v1/models/default/samples", files={"image": (image_path.name, image_path.read_bytes())},
                        params={"k": 16, "seed": 3}, timeout=60)
         assert r.status_code == 200, r.text
