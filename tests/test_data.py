@@ -6,7 +6,7 @@ import pytest
 from PIL import Image
 from scipy import ndimage
 
-from training.data import DatasetError, open_dataset
+from training.data import DatasetError, draw_indices, open_dataset
 from training.data.cells import CELL_CLASSES, CELL_COLOURS, CELL_KINDS, MIX_LEVELS, MIX_PAIRS, RARE_CELL_KINDS, RARE_MIX_LEVELS
 from training.data.folder import write_case, write_classes
 from training.data.synthetic import FLIP_CLASSES, HALO_KINDS, SyntheticDataset
@@ -231,3 +231,37 @@ def test_unknown_specs_are_errors(tmp_path):
         open_dataset("synthetic:nope", "train")
     with pytest.raises(DatasetError, match="not a folder"):
         open_dataset(str(tmp_path / "missing"), "train")
+
+
+def test_a_mixture_draws_each_part_by_its_share_and_a_pass_visits_every_case_once(lidc_root):
+    mixed = open_dataset("synthetic:halo@3+lidc-sample", "val", length=5)
+    real = open_dataset("lidc-sample", "val")
+    assert len(mixed) == 5 + len(real) and mixed.classes == real.classes and mixed.in_channels == 1
+    ids = [mixed[i].case_id for i in range(len(mixed))]
+    assert ids == [f"halo-val-{i}" for i in range(5)] + [real[i].case_id for i in range(len(real))]
+    assert [p["share"] for p in mixed.description["parts"]] == [0.75, 0.25]
+    assert mixed.description["source"] == "synthetic:halo+lidc-sample"
+    # 19 real crops beside a million synthetic cases still make up their share of the draws
+    train = open_dataset("synthetic:halo+lidc-sample", "train")
+    draws = np.array(draw_indices(train, np.random.default_rng(0), 4000))
+    real_draws = draws[draws >= 1_000_000] - 1_000_000
+    assert abs(len(real_draws) / 4000 - 0.5) < 0.03 and set(real_draws.tolist()) == set(range(len(real)))
+    with pytest.raises(IndexError):
+        mixed[len(mixed)]
+
+
+def test_a_single_spec_draws_as_before_a_mixture_existed():
+    # the same crops for the same seed as every run trained before mixtures
+    halo = open_dataset("synthetic:halo", "train")
+    assert draw_indices(halo, np.random.default_rng(3), 8) == np.random.default_rng(3).integers(0, 1_000_000, 8).tolist()
+
+
+def test_mixture_specs_that_cannot_be_trained_are_errors():
+    with pytest.raises(DatasetError, match="must agree"):
+        open_dataset("synthetic:halo+synthetic:flips", "train")
+    with pytest.raises(DatasetError, match="not a number"):
+        open_dataset("synthetic:halo@x+synthetic:halo", "train")
+    with pytest.raises(DatasetError, match="must be > 0"):
+        open_dataset("synthetic:halo@0+synthetic:halo", "train")
+    with pytest.raises(DatasetError, match="empty part"):
+        open_dataset("synthetic:halo+", "train")

@@ -11,6 +11,7 @@ from tests.service_fixtures import write_tiny_model
 from training.checkpoint import load_model
 from training.config import TrainConfig
 from training.data import Case, open_dataset
+from training.data.synthetic import FLIP_CLASSES
 from training.evaluate import evaluate
 from training.manifest import CheckpointError, Normalisation
 from training.networks import ArchitectureConfig
@@ -70,6 +71,22 @@ def test_resume_continues_from_the_saved_step(tmp_path):
     assert state["step"] == 5 and state["version"] == "1"
     history = [json.loads(line)["step"] for line in (out / STATE_DIR / "history.jsonl").read_text().splitlines()]
     assert history == [3, 5]
+
+
+def test_a_mixture_trains_one_model_on_its_parts_and_validates_on_all_of_them(tmp_path):
+    from training.data.folder import write_case, write_classes
+
+    folder = tmp_path / "mine"  # a user's own folder beside a synthetic set
+    write_classes(folder, FLIP_CLASSES)
+    for split in ("train", "val"):
+        for index in range(2):
+            write_case(folder / split, open_dataset("synthetic:flips", "test")[index])
+    out = tmp_path / "mixed"
+    train(replace(_config(out, 3), data=f"synthetic:flips@3+{folder}"))
+    manifest = load_model(out).manifest
+    assert [(p["source"], p["share"]) for p in manifest["data"]["parts"]] == [("synthetic:flips", 0.75), ("folder:mine", 0.25)]
+    assert manifest["metrics"]["validation"]["cases"] == 2 + 2  # val_cases caps the synthetic part only
+    assert manifest["uncertainty_reference"]["cases"] == 4
 
 
 def test_resume_refuses_other_data(tmp_path):

@@ -177,7 +177,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("train", help="train F, G and D; writes MODEL_DIR/<version>/")
     p.add_argument(
         "--data", required=True,
-        help="folder, lidc-sample, lidc-v2:PATH, lidc-v1:PICKLE, cityscapes:PATH or synthetic:{halo,flips,cells,cells_rare}",
+        help="folder, lidc-sample, lidc-v2:PATH, lidc-v1:PICKLE, cityscapes:PATH or synthetic:{halo,flips,cells,cells_rare}; "
+        "A+B trains on a mixture, each part drawn equally often, or by its share: A@3+B",
     )
     p.add_argument("--method", default="car", choices=("car", "ssn"), help="car, or the peer method SSN (Monteiro et al. 2020)")
     p.add_argument("--out", required=True, help="model folder (e.g. models/default)")

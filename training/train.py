@@ -33,7 +33,7 @@ from tqdm import tqdm
 from training import distributed, losses, noise_field
 from training.checkpoint import LoadedModel, build_discriminator, load_model, load_verified, save_model, save_tensors
 from training.config import TrainConfig
-from training.data import Dataset, open_dataset
+from training.data import Dataset, draw_indices, open_dataset
 from training.evaluate import evaluate
 from training.manifest import CheckpointError, ModelEntry, Normalisation, read_entry, version_folders
 from training.networks import ArchitectureConfig, CalibrationNet, RefinementNet, soft_one_hot
@@ -116,7 +116,7 @@ def _build(config: TrainConfig, arch: ArchitectureConfig, device: torch.device, 
 
 
 class Batches:
-    """Random crops of random cases, each with one annotator drawn uniformly, normalised, with each
+    """Random crops of random cases (a mixture's by its parts' shares), each with one annotator drawn uniformly, normalised, with each
     crop's window in its whole (flipped) image, as ``networks.position_channels`` takes it."""
 
     def __init__(self, dataset: Dataset, size: int | None, batch_size: int, seed: int, normalisation: Normalisation) -> None:
@@ -140,8 +140,8 @@ class Batches:
     def next(self) -> tuple[Tensor, Tensor, Tensor]:
         """(images (B, C, S, S), labels (B, S, S), windows (B, 4): top, left, whole height, width)."""
         images, labels, windows = [], [], []
-        for index in self.rng.integers(0, len(self.dataset), self.batch_size):
-            case = self.dataset[int(index)]
+        for index in draw_indices(self.dataset, self.rng, self.batch_size):
+            case = self.dataset[index]
             label = case.labels[self.rng.integers(case.labels.shape[0])]
             h, w = label.shape
             image, label, (top, left) = self._crop(case.image, label)

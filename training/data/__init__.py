@@ -2,34 +2,41 @@
 ``synthetic:{halo,flips,cells,cells_rare}``, or a literature data set in its published on-disk format:
 ``lidc-v2:PATH`` (Kohl et al.'s 180x180 PNG crops), ``lidc-v1:PATH`` (the PHiSeg/SSN pickle) and
 ``cityscapes:PATH`` (Cityscapes with injected ambiguity). Each yields ``Case`` objects and knows its
-classes and channels."""
+classes and channels. ``SPEC+SPEC`` trains on several at once (``training.data.mixture``)."""
 
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Protocol
+
+import numpy as np
 
 from training.data.cases import Case, Event, KnownDistribution
 from training.data.folder import DatasetError, FolderDataset
 from training.data.lidc_sample import LidcSample, default_root
+from training.data.mixture import Mixture, split_spec
+from training.data.protocol import Dataset
 
 
-class Dataset(Protocol):
-    @property
-    def classes(self) -> tuple[str, ...]: ...
-    @property
-    def in_channels(self) -> int: ...
-    @property
-    def description(self) -> dict[str, object]: ...
-    def __len__(self) -> int: ...
-    def __getitem__(self, index: int) -> Case: ...
+def draw_indices(dataset: Dataset, rng: np.random.Generator, count: int) -> list[int]:
+    """A training batch's cases: by the parts' shares in a mixture, else uniform over the cases."""
+    if isinstance(dataset, Mixture):
+        return [dataset.draw(rng) for _ in range(count)]
+    return [int(i) for i in rng.integers(0, len(dataset), count)]
 
 
 def open_dataset(spec: str, split: str, length: int | None = None) -> Dataset:
-    """``spec`` is a folder path, ``lidc-sample[:PATH]``, ``synthetic:NAME``, ``lidc-v2:PATH`` (the
+    """``spec`` is ``SPEC+SPEC[+...]`` (a mixture, each part optionally ``SPEC@SHARE``), or one of:
+    a folder path, ``lidc-sample[:PATH]``, ``synthetic:NAME``, ``lidc-v2:PATH`` (the
     crops' root holding ``{train,val,test}/{images,gt}``), ``lidc-v1:PATH`` (``data_lidc.pickle``
     itself) or ``cityscapes:PATH`` (the root holding ``leftImg8bit/`` and ``gtFine/``); ``length``
     caps how many synthetic cases a pass visits (default: the split's usual size)."""
+    if "+" in spec:
+        parts = split_spec(spec)
+        return Mixture.of([_open_one(name, split, length) for name, _ in parts], [share for _, share in parts])
+    return _open_one(spec, split, length)
+
+
+def _open_one(spec: str, split: str, length: int | None) -> Dataset:
     if spec.startswith("synthetic:"):
         # imported here: the generators need scipy, which the `carseg` command (serve included)
         # would otherwise load at start-up for nothing
@@ -59,4 +66,4 @@ def open_dataset(spec: str, split: str, length: int | None = None) -> Dataset:
     return FolderDataset(root, split)
 
 
-__all__ = ["Case", "Dataset", "DatasetError", "Event", "KnownDistribution", "open_dataset"]
+__all__ = ["Case", "Dataset", "DatasetError", "Event", "KnownDistribution", "Mixture", "draw_indices", "open_dataset"]
