@@ -87,6 +87,8 @@ def test_a_mixture_trains_one_model_on_its_parts_and_validates_on_all_of_them(tm
     assert [(p["source"], p["share"]) for p in manifest["data"]["parts"]] == [("synthetic:flips", 0.75), ("folder:mine", 0.25)]
     assert manifest["metrics"]["validation"]["cases"] == 2 + 2  # val_cases caps the synthetic part only
     assert manifest["uncertainty_reference"]["cases"] == 4
+    # the oracle is known for the synthetic cases only, so a ratio of GED to it would mix case sets
+    assert "oracle_ged_3" in manifest["metrics"]["validation"] and "ged_ratio_3" not in manifest["metrics"]["validation"]
 
 
 def test_resume_refuses_other_data(tmp_path):

@@ -124,10 +124,12 @@ def _add_truth(
         tally.pair_probabilities.extend(itertools.combinations([e.probability for e in truth.events], 2))
 
 
-def _ratio(summary: dict[str, Any], name: str, oracle: str, ratio: str) -> None:
-    """``name / oracle`` only where the oracle is > 0: one annotator, or a case with no ambiguity,
-    gives an oracle GED of 0, and a ratio to 0 says nothing."""
-    if summary.get(oracle, 0.0) > 0.0 and name in summary:
+def _ratio(summary: dict[str, Any], tally: _Tally, name: str, oracle: str, ratio: str) -> None:
+    """``name / oracle`` only where the oracle is > 0 (one annotator, or a case with no ambiguity,
+    gives an oracle GED of 0, and a ratio to 0 says nothing) and both are means over the same cases:
+    in a mixture with real data the oracle covers the synthetic cases only."""
+    counts = len(tally.values.get(name, ())), len(tally.values.get(oracle, ()))
+    if summary.get(oracle, 0.0) > 0.0 and name in summary and counts[0] == counts[1]:
         summary[ratio] = summary[name] / summary[oracle]
 
 
@@ -179,8 +181,8 @@ def evaluate(
             summary[key] = reliability[name].ece
     if "p_f" in reliability:
         summary["ece_pixels"] = int(reliability["p_f"].counts.sum())
-    _ratio(summary, f"ged_{n}", f"oracle_ged_{n}", f"ged_ratio_{n}")
-    _ratio(summary, f"ged_truth_{n}", f"oracle_ged_truth_{n}", f"ged_truth_ratio_{n}")
+    _ratio(summary, tally, f"ged_{n}", f"oracle_ged_{n}", f"ged_ratio_{n}")
+    _ratio(summary, tally, f"ged_truth_{n}", f"oracle_ged_truth_{n}", f"ged_truth_ratio_{n}")
     per_kind: dict[str, dict[str, float]] = {}
     if tally.records:
         summary["calibration_error"], per_kind = metrics.calibration_error(tally.records)
