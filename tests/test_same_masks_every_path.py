@@ -76,6 +76,8 @@ def test_redis_with_one_or_two_workers_gives_the_in_process_masks(local_masks, l
             p.wait(10)
     assert sum(done) == len(REQUESTS) and all(n > 0 for n in done), done  # every worker served some
     assert got == local_masks  # the PNG bytes, mask by mask
-    decoded = [decode_png(m) for m in got[1]]
-    assert len(decoded) == 8 and len({d.tobytes() for d in decoded}) > 1  # k = 8 distinct samples, not one mask 8 times
-    assert all(np.isin(d, (0, 1)).all() for d in decoded)
+    # k = 8 distinct samples, not one mask 8 times, where a crop is in doubt (on the first crop, where
+    # one grader of four marked a speck, default v4 rightly marks nothing in all 8)
+    eights = [[decode_png(m) for m in masks] for masks, (_, _, k) in zip(got, REQUESTS, strict=True) if k == 8]
+    assert [len(masks) for masks in eights] == [8] * 4 and any(len({d.tobytes() for d in masks}) > 1 for masks in eights)
+    assert all(np.isin(d, (0, 1)).all() for masks in eights for d in masks)
