@@ -9,7 +9,7 @@ from scipy import ndimage
 from training.data import DatasetError, draw_indices, open_dataset
 from training.data.cells import CELL_CLASSES, CELL_COLOURS, CELL_KINDS, MIX_LEVELS, MIX_PAIRS, RARE_CELL_KINDS, RARE_MIX_LEVELS
 from training.data.folder import write_case, write_classes
-from training.data.synthetic import FLIP_CLASSES, HALO_KINDS, SyntheticDataset
+from training.data.synthetic import FLIP_CLASSES, HALO_CLASSES, HALO_KINDS, SyntheticDataset
 
 
 def test_lidc_sample_reads_real_crops_with_four_graders(lidc_root):
@@ -254,6 +254,13 @@ def test_a_single_spec_draws_as_before_a_mixture_existed():
     # the same crops for the same seed as every run trained before mixtures
     halo = open_dataset("synthetic:halo", "train")
     assert draw_indices(halo, np.random.default_rng(3), 8) == np.random.default_rng(3).integers(0, 1_000_000, 8).tolist()
+
+
+def test_a_folder_whose_name_holds_a_plus_is_a_folder_not_a_mixture(tmp_path):
+    root = tmp_path / "ct+pet"
+    write_classes(root, HALO_CLASSES)
+    write_case(root / "train", open_dataset("synthetic:halo", "test")[0])
+    assert len(open_dataset(str(root), "train")) == 1
 
 
 def test_mixture_specs_that_cannot_be_trained_are_errors():

@@ -30,7 +30,7 @@ def open_dataset(spec: str, split: str, length: int | None = None) -> Dataset:
     crops' root holding ``{train,val,test}/{images,gt}``), ``lidc-v1:PATH`` (``data_lidc.pickle``
     itself) or ``cityscapes:PATH`` (the root holding ``leftImg8bit/`` and ``gtFine/``); ``length``
     caps how many synthetic cases a pass visits (default: the split's usual size)."""
-    if "+" in spec:
+    if "+" in spec and not Path(spec).is_dir():  # a folder whose name holds a "+" is still a folder
         parts = split_spec(spec)
         return Mixture.of([_open_one(name, split, length) for name, _ in parts], [share for _, share in parts])
     return _open_one(spec, split, length)
