@@ -8,10 +8,8 @@ import json
 import re
 from pathlib import Path
 
-import numpy as np
 import pytest
 from fastapi.testclient import TestClient
-from PIL import Image
 
 from service.api.app import create_app
 from service.config import Settings
@@ -19,6 +17,7 @@ from service.server import open_queue
 from tests.conftest import require_binary
 from tests.embedded import EmbeddedServer
 from tests.queue_backends import REPO
+from training.data.lidc_sample import LidcSample
 
 STATIC = REPO / "service" / "api" / "static"
 SCREENSHOT = REPO / "docs" / "viewer.png"
@@ -60,10 +59,11 @@ def test_the_viewer_references_no_other_host(client):
 def lidc_crop_every_grader_marked(lidc_root) -> str:
     """The first test crop (by number) in which all four graders marked a nodule: on the first one of
     all, where one grader marked a speck, a model may rightly mark nothing."""
-    for case_dir in sorted((lidc_root / "testing").iterdir(), key=lambda p: int(p.name)):
-        labels = [np.asarray(Image.open(p)) > 127 for p in sorted(case_dir.glob("label*_.jpg"))]
-        if len(labels) == 4 and all(label.sum() >= 10 for label in labels):
-            return str(next(case_dir.glob("image_*.jpg")))
+    dataset = LidcSample(lidc_root, "test")
+    for index in range(len(dataset)):
+        case = dataset[index]
+        if len(case.labels) == 4 and all(label.sum() >= 10 for label in case.labels):
+            return str(next((lidc_root / "testing" / case.case_id.removeprefix("lidc-")).glob("image_*.jpg")))
     raise AssertionError(f"no test crop in {lidc_root} that every grader marked")
 
 

@@ -47,7 +47,8 @@ class Mixture:
                     f"a mixture's parts must agree: {part.description['source']} has classes {part.classes} on "
                     f"{part.in_channels} channels, {first.description['source']} {first.classes} on {first.in_channels}"
                 )
-        object.__setattr__(self, "_ends", np.cumsum([len(p) for p in self.parts]))
+        # where each part's cases begin in the mixture's index
+        object.__setattr__(self, "_starts", np.cumsum([0] + [len(p) for p in self.parts]))
 
     @classmethod
     def of(cls, parts: Sequence[Dataset], weights: Sequence[float]) -> Mixture:
@@ -70,17 +71,15 @@ class Mixture:
         }
 
     def __len__(self) -> int:
-        return int(self._ends[-1])  # type: ignore[attr-defined]
+        return int(self._starts[-1])  # type: ignore[attr-defined]
 
     def __getitem__(self, index: int) -> Case:
         if not 0 <= index < len(self):
             raise IndexError(index)
-        part = int(np.searchsorted(self._ends, index, side="right"))  # type: ignore[attr-defined]
-        start = int(self._ends[part - 1]) if part else 0  # type: ignore[attr-defined]
-        return self.parts[part][index - start]
+        part = int(np.searchsorted(self._starts, index, side="right")) - 1  # type: ignore[attr-defined]
+        return self.parts[part][index - int(self._starts[part])]  # type: ignore[attr-defined]
 
     def draw(self, rng: np.random.Generator) -> int:
         """An index into the mixture: a part by its share, then one of its cases uniformly."""
         part = int(rng.choice(len(self.parts), p=self.shares))
-        start = int(self._ends[part - 1]) if part else 0  # type: ignore[attr-defined]
-        return start + int(rng.integers(len(self.parts[part])))
+        return int(self._starts[part]) + int(rng.integers(len(self.parts[part])))  # type: ignore[attr-defined]
