@@ -102,3 +102,44 @@ def test_the_reverse_kl_drops_a_rare_reading_unless_it_has_many_samples(n, share
     # the paper's L_cal is mode-seeking for saturated samples: at n = 8 (ours) a reading of p_F 0.05 is
     # best served in 0.5% of samples; cells_rare's G served its 0.05 cells in 0.9-1.4% (README)
     assert _expected_argmin(0.05, 0.0, n) == pytest.approx(share, abs=0.006)
+
+
+def test_content_cells_mark_patches_near_either_masks_foreground():
+    real = soft_one_hot(torch.zeros(2, 64, 64).long(), 2)
+    fake = real.clone()
+    real[0, :, 2, 2] = torch.tensor([0.0, 1.0])  # image 0: the real mask marks a pixel in cell (0, 0)
+    fake[1, :, 40, 60] = torch.tensor([0.3, 0.7])  # image 1: the fake one marks a pixel in cell (2, 3)
+    cells = losses.content_cells(real, fake, (4, 4))
+    expected = torch.zeros(2, 4, 4)
+    expected[0, :2, :2] = 1  # the cell and its neighbours: a patch sees beyond its own cell
+    expected[1, 1:, 2:] = 1
+    assert torch.equal(cells, expected)
+    fake[1, :, 40, 60] = torch.tensor([0.6, 0.4])  # under half a pixel of foreground: nothing to judge
+    assert losses.content_cells(real, fake, (4, 4))[1].sum() == 0
+
+
+class PatchForegroundScore(torch.nn.Module):
+    """A patch discriminator: each 4 x 4 cell's logit is 10 * (its foreground share - 1/2), plus a
+    constant 3 that real and fake share, so only cells with content can tell them apart."""
+
+    def forward(self, image, mask):
+        return 10 * (torch.nn.functional.avg_pool2d(mask[:, 1:2], 4)[:, 0] - 0.5) + 3 * (image.mean() == 0)
+
+
+def test_discriminator_loss_judges_only_patches_with_content():
+    image = torch.zeros(2, 1, 16, 16)
+    real = soft_one_hot(torch.zeros(2, 16, 16).long(), 2)
+    real[0, :, :4, :4] = torch.tensor([0.0, 1.0])[:, None, None]  # image 0: cell (0, 0) is foreground
+    fake = soft_one_hot(torch.zeros(2, 16, 16).long(), 2)  # G missed it; image 1 is empty in both
+    loss, accuracy = losses.discriminator_loss(PatchForegroundScore(), image, real, fake, 0.0)
+    # the judged cells: image 0's (0, 0) and its 3 neighbours. Real logits there: 8 at (0, 0), -2
+    # elsewhere; fake logits -2 everywhere. The 12 cells of image 0 and all 16 of image 1 hold nothing
+    softplus = torch.nn.functional.softplus
+    real_bce = (softplus(torch.tensor(-8.0)) + 3 * softplus(torch.tensor(2.0))) / 4
+    fake_bce = softplus(torch.tensor(-2.0))
+    assert loss.item() == pytest.approx((real_bce + fake_bce).item(), rel=1e-5)
+    # image 0's scores over its judged cells: real (8 - 6) / 4 = 0.5 > 0, fake -2 < 0; image 1 is not judged
+    assert accuracy.item() == 1.0
+    empty = soft_one_hot(torch.zeros(2, 16, 16).long(), 2)
+    loss, accuracy = losses.discriminator_loss(PatchForegroundScore(), image, empty, empty, 0.0)
+    assert loss.item() == 0.0 and accuracy.item() == 0.5
