@@ -45,52 +45,26 @@ def generator_adversarial_loss(fake_logits: Tensor) -> Tensor:
     return nnf.binary_cross_entropy_with_logits(fake_logits, torch.ones_like(fake_logits))
 
 
-def content_cells(real_mask: Tensor, fake_mask: Tensor, grid: tuple[int, int]) -> Tensor:
-    """(B, h, w) weights of D's patches: 1 where either mask holds more than half a pixel of a
-    class other than background (class 0) within a cell of the patch grid or its 8 neighbours
-    (a patch sees ~45 px, three cells), else 0.
-
-    Where both masks are background the real and the fake input are identical, so D can only say
-    chance there: on 128 x 128 crops of halo and CT (foreground ~1% of the pixels) that was ~80% of
-    D's patches, and D sat at BCE 1.3862 through every G step of a run. The same cells for the real
-    and the fake input, so the weights tell D nothing about which is which."""
-    content = torch.maximum(real_mask[:, 1:].amax(dim=1), fake_mask[:, 1:].amax(dim=1)).detach()  # (B, H, W)
-    cells = nnf.adaptive_max_pool2d(content[:, None], grid)
-    return (nnf.max_pool2d(cells, 3, stride=1, padding=1)[:, 0] > 0.5).float()
-
-
 def discriminator_loss(
     disc: nn.Module, image: Tensor, real_mask: Tensor, fake_mask: Tensor, r1_gamma: float
 ) -> tuple[Tensor, Tensor]:
     """L_D = BCE(D(x, onehot y), 1) + BCE(D(x, sample), 0) + gamma * R1. D may score patches
-    ((B, h, w) logits) or whole images ((B,)). A patch D's BCE is the mean over the patches that
-    have something to judge (``content_cells``), and an image's score is the mean of those patches'
-    logits (0, chance, for an image with none).
+    ((B, h, w) logits) or whole images ((B,)); an image's score is the mean of its patches'.
     R1 is the mean squared norm of the gradient of the real images' scores with respect to D's
     whole real input, image and mask (as the reference takes it). Real and fake go through D in
     one call, so a data-parallel wrapper sees one forward per backward.
-    Returns (loss, accuracy of the image scores over the images with content) so the caller can
-    gate D's updates; 0.5 when no image has any."""
+    Returns (loss, accuracy of the image scores on this batch) so the caller can gate D's updates."""
     b = image.shape[0]
     real_image = image.detach().requires_grad_(r1_gamma > 0)
     real_mask = real_mask.detach().requires_grad_(r1_gamma > 0)
     logits = disc(torch.cat([real_image, image.detach()]), torch.cat([real_mask, fake_mask.detach()]))
     real_logits, fake_logits = logits[:b], logits[b:]
-    if real_logits.ndim > 1:
-        weights = content_cells(real_mask, fake_mask, real_logits.shape[-2:])
-    else:
-        weights = torch.ones_like(real_logits)
-    total = weights.sum().clamp(min=1.0)
-    loss = (nnf.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits), reduction="none") * weights).sum() / total
-    loss = loss + (nnf.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits), reduction="none") * weights).sum() / total
-    per_image = weights.flatten(1).sum(1) if weights.ndim > 1 else weights
-    real_scores = (real_logits * weights).flatten(1).sum(1) / per_image.clamp(min=1.0) if weights.ndim > 1 else real_logits
-    fake_scores = (fake_logits * weights).flatten(1).sum(1) / per_image.clamp(min=1.0) if weights.ndim > 1 else fake_logits
+    loss = nnf.binary_cross_entropy_with_logits(real_logits, torch.ones_like(real_logits))
+    loss = loss + nnf.binary_cross_entropy_with_logits(fake_logits, torch.zeros_like(fake_logits))
+    real_scores = real_logits.flatten(1).mean(1) if real_logits.ndim > 1 else real_logits
+    fake_scores = fake_logits.flatten(1).mean(1) if fake_logits.ndim > 1 else fake_logits
     if r1_gamma > 0:
         grads = torch.autograd.grad(real_scores.sum(), (real_image, real_mask), create_graph=True)
         loss = loss + r1_gamma * sum(g.pow(2).flatten(1).sum(1) for g in grads).mean()
-    judged = per_image > 0
-    if not judged.any():
-        return loss, torch.tensor(0.5, device=image.device)
-    accuracy = ((real_scores[judged] > 0).float().mean() + (fake_scores[judged] < 0).float().mean()) / 2
+    accuracy = ((real_scores > 0).float().mean() + (fake_scores < 0).float().mean()) / 2
     return loss, accuracy.detach()
