@@ -63,7 +63,7 @@ def lidc_crop_every_grader_marked(lidc_root) -> str:
     for index in range(len(dataset)):
         case = dataset[index]
         if len(case.labels) == 4 and all(label.sum() >= 10 for label in case.labels):
-            return str(next((lidc_root / "testing" / case.case_id.removeprefix("lidc-")).glob("image_*.jpg")))
+            return str(dataset.image_path(index))
     raise AssertionError(f"no test crop in {lidc_root} that every grader marked")
 
 

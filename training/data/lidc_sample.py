@@ -52,12 +52,17 @@ class LidcSample:
     def __len__(self) -> int:
         return len(self._cases)  # type: ignore[attr-defined]
 
-    def __getitem__(self, index: int) -> Case:
+    def image_path(self, index: int) -> Path:
+        """The case's CT crop as shipped (a JPEG), for whoever sends the file itself, as a viewer does."""
         case_dir: Path = self._cases[index]  # type: ignore[attr-defined]
         images = sorted(case_dir.glob("image_*.jpg"))
         if len(images) != 1:
             raise DatasetError(f"{case_dir}: expected one image_<n>.jpg, found {len(images)}")
-        image = np.asarray(Image.open(images[0]).convert("L"))[:, :, None]
+        return images[0]
+
+    def __getitem__(self, index: int) -> Case:
+        case_dir: Path = self._cases[index]  # type: ignore[attr-defined]
+        image = np.asarray(Image.open(self.image_path(index)).convert("L"))[:, :, None]
         label_paths = sorted(case_dir.glob("label*_.jpg"))
         if not label_paths:
             raise DatasetError(f"{case_dir}: no label<a>_.jpg")
