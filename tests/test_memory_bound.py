@@ -42,7 +42,7 @@ PROBE = textwrap.dedent("""
         pixels[(side - 128) // 2 : (side + 128) // 2, (side - 128) // 2 : (side + 128) // 2] = crop
     else:  # many nodules of varied contrast (r 3.5-6.5 px, every 20 px, on lung-dark ground): many regions of
         # doubt, for which it builds noise maps. Not noise: a model trained on real CT doubts little
-        # there (default v4 found 11 regions in smoothed noise at 256 x 256; these give it 114)
+        # there (default v4 found 11 regions in smoothed noise at 256 x 256; these give it 118)
         rng = np.random.default_rng(0)
         yy, xx = np.mgrid[0:side, 0:side]
         pixels = np.full((side, side), 12, np.uint8)
